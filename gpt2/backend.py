@@ -1,0 +1,90 @@
+"""The one dispatch point between the model and its fused operations: plain torch, or this repo's Triton kernels.
+
+The model calls LayerNorm, residual-add + LayerNorm, the MLP's bias + GELU and attention only through a
+`Backend`, so kernels slot in without touching the model. Chosen per device (Triton on CUDA, torch
+elsewhere), overridable with `gpt2.load(..., backend=...)` or the `GPT2_BACKEND` environment variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import ForwardStep
+
+BACKENDS = ("torch", "triton")
+
+
+class TorchBackend:
+    """Reference path: torch's own LayerNorm, SDPA and tanh GELU. Runs anywhere."""
+
+    name = "torch"
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + residual
+        return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+    def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # gelu_new(x W^T + b): torch's tanh approximation is GPT-2's gelu_new formula.
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
+        # q (B, H, T, D); k, v (B, H, S, D) -> (B, H, T, D)
+        mask = step.attention_mask
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class TritonBackend(TorchBackend):
+    """This repo's Triton kernels (`kernels/`); on the CPU only under TRITON_INTERPRET=1."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        import kernels  # imported lazily: triton is only needed when this backend is chosen
+
+        self.kernels = kernels
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.kernels.layer_norm(x, weight, bias, eps)
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
+
+    def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.kernels.bias_gelu(F.linear(x, weight), bias)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+        if q.shape[2] == 1:
+            return self.kernels.attention_decode(q[:, :, 0], k, v, step.kv_len, sm_scale)[:, :, None]
+        return self.kernels.attention_prefill(q, k, v, step.q_start, step.kv_len, sm_scale)
+
+
+def select_backend(name: str | None, device: torch.device | str) -> TorchBackend:
+    """`name` or $GPT2_BACKEND or the device's default; Triton where it cannot run is an error, not a fallback."""
+    device = torch.device(device)
+    name = name or os.environ.get("GPT2_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return TorchBackend()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"backend 'triton' cannot run on device {device.type!r}: it needs a CUDA GPU, "
+            "or TRITON_INTERPRET=1 set before triton is imported (slow; for tests)"
+        )
+    try:
+        return TritonBackend()
+    except ImportError as e:
+        raise ValueError(f"backend 'triton' is unavailable: {e}") from None

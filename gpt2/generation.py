@@ -1,0 +1,141 @@
+"""Autoregressive generation over the KV cache: one ragged prefill, then one-token decode steps.
+
+Rows of different lengths are right-padded in the prefill and each row keeps its own positions,
+so every row generates exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_cache import KVCache
+from .sampling import NGramBans, SamplingParams, apply_repetition_penalty, choose_next
+
+if TYPE_CHECKING:
+    from .model import GPT2
+
+TokenCallback = Callable[[int, int], None]  # (row, token) as each new token is chosen
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> list[list[int]]:
+    """Prompts as lists of ints, checked: at least one row, no empty row, every id inside the vocabulary."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"prompts tensor must be a (batch, length) integer tensor, got {tuple(prompts.shape)} "
+                             f"{prompts.dtype}")
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of token-id lists (encode text with model.tokenizer.encode first)")
+    rows = [list(row) if isinstance(row, Sequence) and not isinstance(row, str) else row for row in prompts]
+    if not rows:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(row).__name__}")
+        if not row:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        for j, token in enumerate(row):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+                raise ValueError(f"prompt {i}: token id {token!r} at index {j} is outside the vocabulary "
+                                 f"[0, {vocab_size})")
+    return rows
+
+
+def prefill(model: GPT2, cache: KVCache, rows: list[list[int]]) -> torch.Tensor:
+    """Run the prompts (right-padded into one chunk) into the cache; logits (B, V) at each row's last token."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)  # (B, T)
+    return model(ids, cache=cache, n_new=[len(r) for r in rows], last_only=True)
+
+
+def decode_one_token(model: GPT2, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B,) -> logits (B, V) for the next position of every row."""
+    return model(tokens[:, None], cache=cache, last_only=True)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT2,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
+    eos_token_id: int | None = 50256,
+    seed: int | None = None,
+    on_token: TokenCallback | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt; a row stops after eos (included) or at max_new_tokens."""
+    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                            no_repeat_ngram_size, min_new_tokens, eos_token_id, seed)
+    vocab_size, n_positions = model.config.vocab_size, model.config.n_positions
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {vocab_size})")
+    rows = validate_prompts(prompts, vocab_size)
+    for i, row in enumerate(rows):
+        if len(row) + max_new_tokens > n_positions:
+            raise ValueError(f"prompt {i}: {len(row)} tokens + max_new_tokens {max_new_tokens} = "
+                             f"{len(row) + max_new_tokens} exceeds the model's n_positions ({n_positions})")
+    cache = model.new_cache(len(rows), max(len(r) for r in rows) + max_new_tokens)
+    logits = prefill(model, cache, rows)
+    return continue_from_cache(model, cache, logits, rows, params, on_token)
+
+
+def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histories: list[list[int]],
+                        params: SamplingParams, on_token: TokenCallback | None = None) -> list[list[int]]:
+    """The decode loop, from a cache already holding each row's context.
+
+    logits (B, V): the model's output at each row's last cached token; histories: each row's tokens so far
+    (what repetition penalty and n-gram bans look at). The last chosen token of a row is not fed back,
+    so it is not in the cache when this returns. The caller has checked the cache has room for
+    params.max_new_tokens - 1 more tokens per row.
+    """
+    device = model.device
+    batch, vocab_size = logits.shape
+    eos_token_id = params.eos_token_id
+    generator = None
+    if params.do_sample and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)  # (B, V)
+        for i, row in enumerate(histories):
+            seen[i, row] = True
+    bans = NGramBans(params.no_repeat_ngram_size, histories) if params.no_repeat_ngram_size > 0 else None
+
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    for step in range(params.max_new_tokens):
+        logits = logits.float()  # (B, V)
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        if bans is not None:
+            for i in range(batch):
+                banned = bans.banned(i)
+                if banned:
+                    logits[i, banned] = float("-inf")
+        if step < params.min_new_tokens and eos_token_id is not None:
+            logits[:, eos_token_id] = float("-inf")
+        next_tokens = choose_next(logits, params, generator)  # (B,)
+        for i, token in enumerate(next_tokens.tolist()):
+            if finished[i]:
+                continue
+            outputs[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
+            finished[i] = token == eos_token_id
+            if bans is not None:
+                bans.append(i, token)
+        if all(finished) or step + 1 == params.max_new_tokens:
+            break
+        if seen is not None:
+            seen[torch.arange(batch, device=device), next_tokens] = True
+        logits = decode_one_token(model, cache, next_tokens)
+    return outputs

@@ -1,0 +1,128 @@
+"""The preallocated KV cache and the per-forward bookkeeping of which positions each row reads and writes.
+
+Cache slot == absolute position: row b's token at position p lives in slot p of every layer's buffer.
+Rows of a batch may hold different numbers of tokens (`lengths`); a forward over a (B, T) chunk adds
+`n_new[b] <= T` tokens to row b (the rest of the row is right padding that is neither written nor attended).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from .config import GPT2Config
+
+
+@dataclass
+class ForwardStep:
+    """Where a (B, T) chunk of new tokens sits: built once per forward, shared by every layer."""
+
+    q_start: torch.Tensor  # (B,) int32, position of each row's first new token
+    kv_len: torch.Tensor  # (B,) int32, valid keys per row after this chunk
+    positions: torch.Tensor  # (B, T) long, position ids (padding clamped into range)
+    kv_span: int  # attention reads key slots [0, kv_span); >= max(kv_len)
+    q_start_host: list[int]
+    n_new_host: list[int]
+    chunk_len: int  # T
+
+    @classmethod
+    def build(cls, q_start: list[int], n_new: list[int], chunk_len: int, n_positions: int, device: torch.device,
+              kv_span: int | None = None) -> ForwardStep:
+        kv_len_host = [s + n for s, n in zip(q_start, n_new)]
+        q_start_t = torch.tensor(q_start, dtype=torch.int32, device=device)
+        positions = q_start_t[:, None].long() + torch.arange(chunk_len, device=device)  # (B, T)
+        return cls(
+            q_start=q_start_t,
+            kv_len=torch.tensor(kv_len_host, dtype=torch.int32, device=device),
+            positions=positions.clamp_(max=n_positions - 1),
+            kv_span=max(kv_len_host) if kv_span is None else kv_span,
+            q_start_host=list(q_start),
+            n_new_host=list(n_new),
+            chunk_len=chunk_len,
+        )
+
+    @cached_property
+    def dense(self) -> bool:
+        """Every row starts at the same position and fills the whole chunk (no padding, no raggedness)."""
+        return len(set(self.q_start_host)) == 1 and all(n == self.chunk_len for n in self.n_new_host)
+
+    @cached_property
+    def write_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, slots, chunk offsets) of the valid new tokens, each (N,), for ragged cache writes."""
+        device = self.q_start.device
+        t = torch.arange(self.chunk_len, device=device)  # (T,)
+        valid = t[None, :] < torch.tensor(self.n_new_host, device=device)[:, None]  # (B, T)
+        rows, offsets = valid.nonzero(as_tuple=True)
+        return rows, self.q_start.long()[rows] + offsets, offsets
+
+    @cached_property
+    def attention_mask(self) -> torch.Tensor | None:
+        """(B, 1, T, kv_span) bool, True where query t of row b may attend key slot j.
+
+        None when no mask is needed beyond plain causal: a dense chunk that ends at kv_span and either
+        starts at 0 (prefill: causal over the chunk) or is one token (decode: every key is visible).
+        """
+        start = self.q_start_host[0]
+        if self.dense and self.kv_span == start + self.chunk_len and (start == 0 or self.chunk_len == 1):
+            return None
+        device = self.q_start.device
+        j = torch.arange(self.kv_span, device=device)  # (S,)
+        q_pos = self.q_start[:, None].long() + torch.arange(self.chunk_len, device=device)  # (B, T)
+        allowed = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < self.kv_len[:, None, None].long())
+        return allowed[:, None]  # (B, 1, T, S)
+
+
+class KVCache:
+    """Per-layer K and V buffers of shape (B, H, max_len, D), written in place (never concatenated)."""
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        if max_len > config.n_positions:
+            raise ValueError(f"KV cache length {max_len} exceeds the model's n_positions ({config.n_positions})")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths: list[int] = [0] * batch_size  # tokens held per row
+        self.n_positions = config.n_positions
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def begin(self, n_new: list[int], chunk_len: int, kv_span: int | None = None) -> ForwardStep:
+        """Plan a forward that appends n_new[b] tokens to row b; call `commit` after it."""
+        if len(n_new) != self.batch_size:
+            raise ValueError(f"n_new has {len(n_new)} rows, the cache {self.batch_size}")
+        for row, (have, n) in enumerate(zip(self.lengths, n_new)):
+            if not 0 <= n <= chunk_len:
+                raise ValueError(f"row {row}: n_new={n} outside [0, {chunk_len}]")
+            if have + n > self.max_len:
+                raise ValueError(f"row {row}: {have} cached + {n} new tokens exceed the cache length {self.max_len}")
+        return ForwardStep.build(self.lengths, n_new, chunk_len, self.n_positions, self.k.device, kv_span)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> None:
+        """Store this chunk's keys and values, k/v (B, H, T, D), at each row's slots."""
+        if step.dense:
+            start = step.q_start_host[0]
+            self.k[layer, :, :, start:start + step.chunk_len] = k
+            self.v[layer, :, :, start:start + step.chunk_len] = v
+            return
+        rows, slots, offsets = step.write_index
+        self.k[layer][rows, :, slots] = k[rows, :, offsets]  # (N, H, D)
+        self.v[layer][rows, :, slots] = v[rows, :, offsets]
+
+    def keys_values(self, layer: int, step: ForwardStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, H, kv_span, D) of the layer's buffers that this step attends over."""
+        return self.k[layer, :, :, :step.kv_span], self.v[layer, :, :, :step.kv_span]
+
+    def commit(self, step: ForwardStep) -> None:
+        self.lengths = [s + n for s, n in zip(step.q_start_host, step.n_new_host)]
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.batch_size

@@ -1,0 +1,154 @@
+"""The GPT-2 network: learned absolute positions, pre-LN blocks, gelu_new MLP, lm_head tied to wte.
+
+Parameter names follow the released checkpoints without the `transformer.` prefix; weights are in
+nn.Linear layout ([out, in], the transpose of GPT-2's Conv1D). Fused operations go through `backend`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backend import TorchBackend, select_backend
+from .config import GPT2Config
+from .kv_cache import ForwardStep, KVCache
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer = layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matrix
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, step: ForwardStep, cache: KVCache | None,
+                backend: TorchBackend) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if cache is not None:
+            cache.write(self.layer, k, v, step)
+            k, v = cache.keys_values(self.layer, step)  # each (B, nh, S, hs)
+        y = backend.attention(q, k, v, step)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, backend: TorchBackend) -> torch.Tensor:
+        return self.c_proj(backend.linear_gelu(x, self.c_fc.weight, self.c_fc.bias))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, residual: torch.Tensor, normed: torch.Tensor, next_norm: nn.LayerNorm, step: ForwardStep,
+                cache: KVCache | None, backend: TorchBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-LN block on the residual stream h, given normed = ln_1(h); returns (h', next_norm(h')).
+
+        Each residual add is fused with the LayerNorm that follows it (ln_2 here, then the next block's
+        ln_1 or ln_f), so the stream is read once per add.
+        """
+        attn_out = self.attn(normed, step, cache, backend)
+        residual, normed = backend.add_layer_norm(attn_out, residual, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        mlp_out = self.mlp(normed, backend)
+        return backend.add_layer_norm(mlp_out, residual, next_norm.weight, next_norm.bias, next_norm.eps)
+
+
+class GPT2(nn.Module):
+    tokenizer: Tokenizer
+
+    def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.backend_name = backend
+        self._backend: tuple[torch.device, TorchBackend] | None = None
+
+    @property
+    def backend(self) -> TorchBackend:
+        """The fused-op implementation for the device the weights are on now (resolved on first use there)."""
+        if self._backend is None or self._backend[0] != self.device:
+            self._backend = (self.device, select_backend(self.backend_name, self.device))
+        return self._backend[1]
+
+    def set_backend(self, name: str | None) -> None:
+        """Choose "torch", "triton", or None for the device's default; checked now, errors if it cannot run."""
+        self.backend_name = name
+        self._backend = None
+        self.backend  # noqa: B018 - resolve now so a bad choice fails here, not at the first forward
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, n_new: list[int] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for a chunk of tokens.
+
+        input_ids (B, T). Without a cache: a fresh causal forward, returns (B, T, vocab).
+        With a cache: row b appends its first n_new[b] tokens (default T) at the positions after what it
+        holds; the rest of the row is padding. last_only returns (B, vocab) at each row's last new token
+        (rows with n_new 0 get the logits of their last padded slot, to be ignored).
+        """
+        B, T = input_ids.shape
+        if cache is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"sequence length {T} exceeds n_positions ({self.config.n_positions})")
+            n_new = [T] * B
+            step = ForwardStep.build([0] * B, n_new, T, self.config.n_positions, input_ids.device)
+        else:
+            n_new = [T] * B if n_new is None else list(n_new)
+            step = cache.begin(n_new, T)
+        x = self.wte(input_ids) + self.wpe(step.positions)  # (B, T, C)
+        backend = self.backend
+        first = self.h[0].ln_1
+        normed = backend.layer_norm(x, first.weight, first.bias, first.eps)
+        for i, block in enumerate(self.h):
+            next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+            x, normed = block(x, normed, next_norm, step, cache, backend)
+        if cache is not None:
+            cache.commit(step)
+        if last_only:
+            last = torch.tensor([max(n - 1, 0) for n in n_new], device=normed.device)
+            normed = normed[torch.arange(B, device=normed.device), last]  # (B, C)
+        return F.linear(normed, self.wte.weight)  # lm_head tied to wte: (B, [T,] vocab)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
+
+    def generate(self, prompts: list[list[int]] | torch.Tensor, **kwargs: Any) -> list[list[int]]:
+        """New tokens for each prompt; see `gpt2.generation.generate` for the parameters."""
+        from .generation import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        """Log-likelihood of each continuation given its context; see `gpt2.scoring.score`."""
+        from .scoring import score
+
+        return score(self, contexts, continuations)

@@ -1,0 +1,104 @@
+"""Choosing the next token from logits: penalties, bans, temperature / top-k / top-p, greedy or seeded sampling.
+
+Applied in the order Hugging Face `generate` applies them (repetition penalty, no-repeat n-gram,
+min-new-tokens, then temperature, top-k, top-p), so greedy and sampled outputs agree with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    eos_token_id: int | None = 50256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("max_new_tokens", "top_k", "no_repeat_ngram_size", "min_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, "must be a non-negative integer")
+        if self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be at least 1")
+        if self.do_sample and not self.temperature > 0:
+            raise bad("temperature", "must be > 0 when sampling")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "must be > 0 (1.0 disables it)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise bad("seed", "must be an integer or None")
+
+
+class NGramBans:
+    """Per row, the tokens that would repeat an n-gram already in that row's text (no_repeat_ngram_size)."""
+
+    def __init__(self, n: int, rows: list[list[int]]) -> None:
+        self.n = n
+        self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in rows]
+        self.tails: list[list[int]] = [[] for _ in rows]
+        for row, tokens in enumerate(rows):
+            for token in tokens:
+                self.append(row, token)
+
+    def append(self, row: int, token: int) -> None:
+        tail = self.tails[row]
+        tail.append(token)
+        if len(tail) >= self.n:
+            self.seen[row].setdefault(tuple(tail[-self.n:-1]), set()).add(token)
+            del tail[: len(tail) - self.n + 1]
+
+    def banned(self, row: int) -> list[int]:
+        tail = self.tails[row]
+        if len(tail) < self.n - 1:
+            return []
+        return list(self.seen[row].get(tuple(tail[len(tail) - self.n + 1:]), ()))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool. CTRL-style: seen tokens' logits divided (positive) or multiplied (negative)."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)  # (B, V) ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= 1 - p
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) after penalties -> next token ids (B,)."""
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    logits = apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
