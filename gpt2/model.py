@@ -107,13 +107,14 @@ class GPT2(nn.Module):
         return self.wte.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, n_new: list[int] | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
         """Logits for a chunk of tokens.
 
         input_ids (B, T). Without a cache: a fresh causal forward, returns (B, T, vocab).
         With a cache: row b appends its first n_new[b] tokens (default T) at the positions after what it
         holds; the rest of the row is padding. last_only returns (B, vocab) at each row's last new token
-        (rows with n_new 0 get the logits of their last padded slot, to be ignored).
+        (rows with n_new 0 get the logits of their last padded slot, to be ignored). hidden_only returns the
+        final-LayerNorm states (..., n_embd) instead of logits, for callers that project only some positions.
         """
         B, T = input_ids.shape
         if cache is None:
@@ -136,6 +137,8 @@ class GPT2(nn.Module):
         if last_only:
             last = torch.tensor([max(n - 1, 0) for n in n_new], device=normed.device)
             normed = normed[torch.arange(B, device=normed.device), last]  # (B, C)
+        if hidden_only:
+            return normed  # (B, [T,] C)
         return F.linear(normed, self.wte.weight)  # lm_head tied to wte: (B, [T,] vocab)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -3,10 +3,10 @@
 Query t of batch row b sits at absolute position q_start[b] + t and may attend key j iff
 j <= q_start[b] + t and j < kv_len[b]. Rows are ragged (own q_start and kv_len), so a chunk can
 continue a cache that already holds earlier tokens. Each program owns BLOCK_M queries of one
-(batch, head) and streams key blocks with an online softmax in fp32 (exp2 domain). Key blocks
-that every query of the program may fully see run without masks; only the blocks crossing the
-causal diagonal or kv_len are masked. K and V are addressed through their strides, so cache
-views `cache[:, :, :S]` need no copy.
+(batch, head) and streams the key blocks up to its last query's position with an online softmax
+in fp32 (exp2 domain). K and V are addressed through their strides, so cache views
+`cache[:, :, :S]` need no copy. (Splitting the key loop into unmasked and masked parts raised
+register use past 255 with spills on sm_90 in a compile-only check, so every block is masked.)
 """
 
 import math
@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._attention_inputs import check_attention_inputs
 
 _LOG2E = math.log2(math.e)
 
@@ -27,41 +29,6 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _attend_key_blocks(
-    acc, l_i, m_i, q, pos_m,
-    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    lo, hi, kv_len, qk_scale,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        k_ptrs = k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn  # (D, BLOCK_N)
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
-        if MASKED:
-            key_ok = offs_n < kv_len
-            k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-        s = _dot(q, k, tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            allowed = (offs_n[None, :] <= pos_m[:, None]) & key_ok[None, :]
-            s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
-        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)  # (BLOCK_M, D)
-        m_i = m_new
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -93,36 +60,30 @@ def _attention_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys below min(kv_len, first position + 1) are visible to every query of this block.
-    full_hi = (tl.minimum(kv_len, q_start + start_m + 1) // BLOCK_N) * BLOCK_N
-    # Past the last real query's position nothing is visible (padding rows see keys < kv_len).
+    # No key past the last real query's position is visible; padding rows (position >= kv_len)
+    # see every key below kv_len. Key 0 is visible to every row, so the first block sets finite
+    # maxima and fully masked entries later contribute exp2(-inf) = 0.
     hi = tl.minimum(kv_len, q_start + tl.minimum(start_m + BLOCK_M, T))
-    acc, l_i, m_i = _attend_key_blocks(
-        acc, l_i, m_i, q, pos_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        0, full_hi, kv_len, qk_scale, False, BLOCK_N, HEAD_DIM, PRECISION, UPCAST,
-    )
-    acc, l_i, m_i = _attend_key_blocks(
-        acc, l_i, m_i, q, pos_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        full_hi, hi, kv_len, qk_scale, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST,
-    )
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        key_ok = offs_n < kv_len
+        kv_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, D)
+        k = tl.load(k_base + kv_offs, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
+        allowed = (offs_n[None, :] <= pos_m[:, None]) & key_ok[None, :]  # (BLOCK_M, BLOCK_N)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)  # (BLOCK_M, D)
+        m_i = m_new
     # kv_len == 0 leaves l_i == 0: write zeros rather than NaN.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, lengths: tuple[Tensor, ...]) -> None:
-    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
-    if k.dim() != 4 or k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise ValueError(f"k and v must be (B, H, S, D) matching q; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if D < 16 or D > 128 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 128], got {D}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    for t in lengths:
-        if t.shape != (B,):
-            raise ValueError(f"per-row length tensors must be ({B},), got {tuple(t.shape)}")
 
 
 def attention_prefill(
@@ -135,19 +96,21 @@ def attention_prefill(
     """
     if q.dim() != 4:
         raise ValueError(f"q must be (B, H, T, D), got {tuple(q.shape)}")
-    _check_qkv(q, k, v, (q_start, kv_len))
+    check_attention_inputs(q, k, v, (q_start, kv_len))
     B, H, T, D = q.shape
     S = k.shape[2]
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    block_m = 64 if T > 32 else max(16, triton.next_power_of_2(T))
-    block_n = 64 if D <= 64 else 32
+    # fp32 tiles need twice the registers: smaller blocks keep them from spilling (sm_90 compile).
+    wide = q.dtype == torch.float32
+    block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(T)))
+    block_n = 32 if wide or D > 64 else 64
     grid = (triton.cdiv(T, block_m), B * H)
     _attention_prefill_kernel[grid](
         q, k, v, q_start, kv_len, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, S, sm_scale * _LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if wide else "tf32",  # fp32 dots in full precision (tf32 is only for fp32 inputs)
         UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=4, num_stages=3,
     )

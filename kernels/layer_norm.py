@@ -2,9 +2,9 @@
 
 One Triton kernel serves both entry points: each program normalises one row held entirely in
 registers, with fp32 statistics computed in two passes over the registers (mean first, then the
-centred sum of squares), so inputs far from zero keep their variance. `add_layer_norm` adds the
-residual in fp32 inside the same pass, writes the sum in the input dtype and normalises the fp32
-sum.
+centred sum of squares, with the mean corrected by the centred sum), so inputs far from zero keep
+their accuracy. `add_layer_norm` adds the residual in fp32 inside the same pass, writes the sum in
+the input dtype and normalises the fp32 sum.
 """
 
 import torch
@@ -34,6 +34,9 @@ def _layer_norm_kernel(
         tl.store(H + row * stride_h + cols, x.to(H.dtype.element_ty), mask=in_row)
     mean = tl.sum(x, axis=0) / C
     xc = tl.where(in_row, x - mean, 0.0)  # (BLOCK_C,)
+    # Corrected two-pass: remove the rounding error of the first mean, which for rows far from
+    # zero (|mean| >> std) is the dominant fp32 error.
+    xc = tl.where(in_row, xc - tl.sum(xc, axis=0) / C, 0.0)
     var = tl.sum(xc * xc, axis=0) / C
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)

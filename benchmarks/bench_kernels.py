@@ -1,0 +1,218 @@
+"""Benchmark of the Triton kernels in kernels/ against their plain-torch counterparts.
+
+On a CUDA GPU (the real benchmark), at DialoGPT shapes (C 768/1024/1280, H 12/16/20, D 64):
+  layer_norm      vs F.layer_norm                               rows 1, 64, 1024, 8192
+  add_layer_norm  vs x + r, then F.layer_norm                   rows 1, 64, 1024, 8192
+  bias_gelu       vs F.gelu(x + b, approximate="tanh")          (rows, 4C)
+  prefill         vs SDPA(is_causal=True)                       batch 1, T 128/512/1024
+  decode          vs SDPA with a boolean mask over the cache    batch 1..64, context 1024
+Each row reports the time of both (triton.testing.do_bench, ms), the achieved GB/s (memory-bound
+kernels) or TFLOP/s (prefill), the speedup torch_ms / ours_ms and the max |ours - torch|.
+
+    python -m benchmarks.bench_kernels [--dtype fp16|bf16|fp32] [--save]
+    python -m benchmarks.bench_kernels --smoke     # CPU, Triton interpreter, seconds; for CI
+
+--save writes benchmarks/results/kernels-<device-name>.json. --smoke runs one tiny shape of each
+case under the Triton interpreter with a wall-clock timer (numbers meaningless), so the script
+keeps working without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# (n_embd, n_head) of DialoGPT small, medium, large; head_dim is 64 for all three.
+MODELS = [(768, 12), (1024, 16), (1280, 20)]
+HEAD_DIM = 64
+ROWS = [1, 64, 1024, 8192]
+PREFILL_T = [128, 512, 1024]
+DECODE_BATCH = [1, 4, 16, 64]
+DECODE_CONTEXT = 1024
+
+
+@dataclass
+class Case:
+    """One benchmark: two zero-argument callables computing the same result, and their work."""
+
+    kernel: str
+    shape: str
+    ours: Callable
+    torch: Callable
+    work: float  # bytes moved (metric "GB/s") or FLOPs (metric "TFLOP/s")
+    metric: str
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    dtype: str
+    ours_ms: float
+    torch_ms: float
+    ours_rate: float
+    torch_rate: float
+    metric: str
+    speedup: float
+    max_abs_diff: float
+
+
+def _norm_cases(K, device: str, dtype: torch.dtype, models: list[tuple[int, int]], rows: list[int]) -> list[Case]:
+    cases = []
+    for C, _ in models:
+        w = torch.randn(C, device=device, dtype=dtype)
+        b = torch.randn(C, device=device, dtype=dtype)
+        bias = torch.randn(4 * C, device=device, dtype=dtype)
+        for M in rows:
+            x = torch.randn(M, C, device=device, dtype=dtype)
+            r = torch.randn(M, C, device=device, dtype=dtype)
+            u = torch.randn(M, 4 * C, device=device, dtype=dtype)
+            elt = x.element_size()
+            cases.append(Case("layer_norm", f"M={M} C={C}", lambda x=x, w=w, b=b: K.layer_norm(x, w, b),
+                              lambda x=x, w=w, b=b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5),
+                              2 * M * C * elt, "GB/s"))
+            cases.append(Case("add_layer_norm", f"M={M} C={C}",
+                              lambda x=x, r=r, w=w, b=b: K.add_layer_norm(x, r, w, b),
+                              lambda x=x, r=r, w=w, b=b: _add_then_norm(x, r, w, b),
+                              4 * M * C * elt, "GB/s"))
+            cases.append(Case("bias_gelu", f"M={M} N={4 * C}", lambda u=u, bias=bias: K.bias_gelu(u, bias),
+                              lambda u=u, bias=bias: F.gelu(u + bias, approximate="tanh"),
+                              2 * M * 4 * C * elt, "GB/s"))
+    return cases
+
+
+def _add_then_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    h = x + r
+    return h, F.layer_norm(h, (h.shape[-1],), w, b, 1e-5)
+
+
+def _attention_cases(K, device: str, dtype: torch.dtype, models: list[tuple[int, int]], prefill_t: list[int],
+                     decode_batch: list[int], context: int) -> list[Case]:
+    cases = []
+    for C, H in models:
+        D = C // H
+        scale = D**-0.5
+        for T in prefill_t:
+            # The cache holds the whole context; prefill reads its first T positions (a view).
+            q = torch.randn(1, H, T, D, device=device, dtype=dtype)
+            cache = torch.randn(2, 1, H, max(T, context), D, device=device, dtype=dtype)
+            k, v = cache[0, :, :, :T], cache[1, :, :, :T]
+            zero = torch.zeros(1, dtype=torch.int32, device=device)
+            length = torch.full((1,), T, dtype=torch.int32, device=device)
+            cases.append(Case("prefill", f"B=1 H={H} T={T} D={D}",
+                              lambda q=q, k=k, v=v, z=zero, n=length, s=scale: K.attention_prefill(q, k, v, z, n, s),
+                              lambda q=q, k=k, v=v, s=scale: F.scaled_dot_product_attention(
+                                  q, k, v, is_causal=True, scale=s),
+                              2.0 * H * T * T * D, "TFLOP/s"))  # causal: half of 4*T*T*D per head
+        for B in decode_batch:
+            q = torch.randn(B, H, D, device=device, dtype=dtype)
+            cache = torch.randn(2, B, H, context, D, device=device, dtype=dtype)
+            k, v = cache[0], cache[1]
+            kv_len = torch.full((B,), context, dtype=torch.int32, device=device)
+            mask = (torch.arange(context, device=device) < kv_len[:, None])[:, None, None, :]  # (B, 1, 1, S)
+            elt = q.element_size()
+            cases.append(Case("decode", f"B={B} H={H} S={context} D={D}",
+                              lambda q=q, k=k, v=v, n=kv_len, s=scale: K.attention_decode(q, k, v, n, s),
+                              lambda q=q, k=k, v=v, m=mask, s=scale: F.scaled_dot_product_attention(
+                                  q[:, :, None], k, v, attn_mask=m, scale=s)[:, :, 0],
+                              2.0 * B * H * context * D * elt, "GB/s"))
+    return cases
+
+
+def _max_abs_diff(a: torch.Tensor | tuple, b: torch.Tensor | tuple) -> float:
+    if isinstance(a, tuple):
+        return max(_max_abs_diff(x, y) for x, y in zip(a, b))
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _run(cases: list[Case], dtype_name: str, timer: Callable[[Callable], float]) -> list[Row]:
+    rows = []
+    for c in cases:
+        diff = _max_abs_diff(c.ours(), c.torch())  # also compiles before timing
+        ours_ms, torch_ms = timer(c.ours), timer(c.torch)
+        scale = 1e-9 if c.metric == "GB/s" else 1e-12
+        rows.append(Row(c.kernel, c.shape, dtype_name, ours_ms, torch_ms,
+                        c.work * scale / (ours_ms * 1e-3), c.work * scale / (torch_ms * 1e-3),
+                        c.metric, torch_ms / ours_ms, diff))
+    return rows
+
+
+def _print_table(rows: list[Row]) -> None:
+    head = (f"{'kernel':15s} {'shape':24s} {'dtype':5s} {'ours ms':>9s} {'torch ms':>9s} {'ours':>9s} "
+            f"{'torch':>9s} {'unit':8s} {'speedup':>7s} {'max|diff|':>9s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.kernel:15s} {r.shape:24s} {r.dtype:5s} {r.ours_ms:9.4f} {r.torch_ms:9.4f} {r.ours_rate:9.2f} "
+              f"{r.torch_rate:9.2f} {r.metric:8s} {r.speedup:7.2f} {r.max_abs_diff:9.2e}")
+
+
+def _cpu_timer(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/kernels-<device>.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported and the kernels are decorated
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU found; this benchmark needs one (use --smoke for a CPU check "
+              "under the Triton interpreter).", file=sys.stderr)
+        return 2
+
+    import kernels as K  # imported here: TRITON_INTERPRET must be settled first
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    torch.manual_seed(0)
+    if args.smoke:
+        device, device_name, timer = "cpu", "cpu-interpreter", _cpu_timer
+        cases = (_norm_cases(K, device, dtype, [(64, 2)], [3])
+                 + _attention_cases(K, device, dtype, [(64, 2)], [16], [2], 80))
+    else:
+        import triton
+
+        device, device_name = "cuda", torch.cuda.get_device_name()
+
+        def timer(fn: Callable) -> float:
+            return triton.testing.do_bench(fn)
+
+        cases = (_norm_cases(K, device, dtype, MODELS, ROWS)
+                 + _attention_cases(K, device, dtype, MODELS, PREFILL_T, DECODE_BATCH, DECODE_CONTEXT))
+    print(f"kernels from {Path(K.__file__).resolve().parent}; device {device_name}; dtype {args.dtype}")
+    rows = _run(cases, args.dtype, timer)
+    _print_table(rows)
+    broken = [f"{r.kernel} {r.shape}" for r in rows if not math.isfinite(r.max_abs_diff)]
+    if broken:
+        print(f"non-finite differences from torch: {broken}", file=sys.stderr)
+        return 1
+    if args.save:
+        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"kernels-{slug}.json"
+        payload = {"device": device_name, "dtype": args.dtype, "torch": torch.__version__,
+                   "rows": [asdict(r) for r in rows]}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""DialoGPT chat sessions: the training format, turn-aware truncation, a KV cache kept across turns, batching.
+
+History is laid out exactly as DialoGPT was trained: each turn's tokens followed by `<|endoftext|>`,
+concatenated, and the model continues with the reply. Before each reply the oldest whole turns are
+dropped until history plus the reply budget fit the context (and the optional caps); the newest user
+turn is never dropped, only cut from its start, with a `ChatNotice` warning, when alone it cannot fit.
+The keys and values of everything already seen are kept between turns, so a turn prefills only its
+new tokens (everything again when truncation changed the prefix); the reply is the one a from-scratch
+`generate` on the same history gives. Several chats step together as one ragged batch (`Chat.say_many`),
+and with a reverse model each reply is chosen among sampled candidates by MMI (`gpt2.mmi`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .generation import continue_from_cache, prefill
+from .mmi import MMIReranker, check_same_vocabulary
+from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+    from .model import GPT2
+    from .tokenizer import StreamDecoder
+
+# Against the known failure modes of the model card's greedy loop: sampling with top-k / top-p instead of
+# greedy repetition and parroting, no repeated 3-grams, a reply of at least two tokens (never empty).
+CHAT_DEFAULTS: dict[str, Any] = dict(
+    max_new_tokens=64, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+    repetition_penalty=1.0, no_repeat_ngram_size=3, min_new_tokens=2,
+)
+DEFAULT_MAX_HISTORY_TOKENS = 512  # older turns beyond this are dropped (users report ~500 working best)
+
+
+class ChatNotice(UserWarning):
+    """Something the user should know about their turn: it was cut to fit the context."""
+
+
+def format_history(turns: Sequence[Sequence[int]], eos_token_id: int) -> list[int]:
+    """DialoGPT's format: each turn's tokens followed by eos, concatenated."""
+    return [t for turn in turns for t in [*turn, eos_token_id]]
+
+
+def fit_history(turns: list[list[int]], budget: int, max_turns: int | None = None,
+                max_tokens: int | None = None) -> tuple[list[list[int]], int]:
+    """(the newest turns that fit, tokens cut from the start of the newest turn).
+
+    The formatted history (each turn + eos) of the result is at most `budget` tokens, and older turns
+    are also dropped to respect max_turns (counting the newest) and max_tokens. Only whole turns are
+    dropped, oldest first; the newest turn is always kept, cut from its start if alone it exceeds budget.
+    """
+    newest = turns[-1]
+    cut = max(0, len(newest) + 1 - budget)
+    kept = [newest[cut:]]
+    used = len(kept[0]) + 1
+    limit = budget if max_tokens is None else min(budget, max_tokens)
+    for turn in reversed(turns[:-1]):
+        if (max_turns is not None and len(kept) >= max_turns) or used + len(turn) + 1 > limit:
+            break
+        kept.append(turn)
+        used += len(turn) + 1
+    kept.reverse()
+    return kept, cut
+
+
+@dataclasses.dataclass
+class _TurnPlan:
+    """One chat's part of a step: the history the reply answers and how much of it is cached already."""
+
+    turns: list[list[int]]  # kept history, newest user turn last
+    context: list[int]  # format_history(turns)
+    reused: int  # leading context tokens whose keys/values the chat holds
+
+
+class Chat:
+    """A conversation with a DialoGPT model: `say(text)` returns the reply and remembers both turns.
+
+    Sampling settings default to CHAT_DEFAULTS and are overridden by keyword (SamplingParams' fields, e.g.
+    `do_sample=False` for greedy, `max_new_tokens=40`). max_history_turns / max_history_tokens cap the
+    history the model sees (None: only the context length limits it). seed makes replies reproducible
+    (turn n samples with seed + n). With reverse_model, each reply is the MMI pick among n_candidates
+    sampled replies (temperature mmi_temperature; source: the newest mmi_source_turns turns).
+    """
+
+    def __init__(self, model: GPT2, *, max_history_turns: int | None = None,
+                 max_history_tokens: int | None = DEFAULT_MAX_HISTORY_TOKENS, seed: int | None = None,
+                 reverse_model: GPT2 | None = None, n_candidates: int = 10, mmi_temperature: float = 0.0,
+                 mmi_source_turns: int = 1, **sampling: Any) -> None:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer: load it with gpt2.load(), or set "
+                             "model.tokenizer = gpt2.tokenizer.Tokenizer.default()")
+        unknown = sorted(set(sampling) - set(CHAT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown chat setting(s) {', '.join(unknown)}; sampling settings are "
+                             f"{', '.join(CHAT_DEFAULTS)} (eos is the tokenizer's; seed is Chat's own argument)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.params = SamplingParams(**{**CHAT_DEFAULTS, **sampling}, eos_token_id=self.eos_token_id)
+        self.budget = model.config.n_positions - self.params.max_new_tokens  # history tokens that fit with a reply
+        if self.budget < 2:
+            raise ValueError(f"max_new_tokens={self.params.max_new_tokens} leaves no room for history in the "
+                             f"model's {model.config.n_positions} positions")
+        for name, cap in (("max_history_turns", max_history_turns), ("max_history_tokens", max_history_tokens)):
+            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+                raise ValueError(f"{name}={cap!r} must be a positive integer or None")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed={seed!r} must be an integer or None")
+        self.max_history_turns = max_history_turns
+        self.max_history_tokens = max_history_tokens
+        self.seed = seed
+        self.reranker: MMIReranker | None = None
+        self.n_candidates = 1
+        if reverse_model is not None:
+            check_same_vocabulary(model, reverse_model)
+            if not self.params.do_sample:
+                raise ValueError("MMI reranking needs sampled candidates: greedy (do_sample=False) gives N copies "
+                                 "of one reply")
+            if not isinstance(n_candidates, int) or n_candidates < 1:
+                raise ValueError(f"n_candidates={n_candidates!r} must be a positive integer")
+            self.reranker = MMIReranker(reverse_model, mmi_temperature, mmi_source_turns)
+            self.n_candidates = n_candidates
+        self.turns: list[list[int]] = []  # the history the model sees, oldest first, as token ids (no eos)
+        self._cached: list[int] = []  # tokens whose keys/values _kv holds
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # each (L, H, len(_cached), D)
+        self._replies = 0
+
+    @property
+    def history(self) -> list[str]:
+        """The turns the model sees now, as text, oldest first (the user's turns and the replies alternate)."""
+        return [self.tokenizer.decode(turn) for turn in self.turns]
+
+    def context_ids(self) -> list[int]:
+        """The history in DialoGPT format (each turn + eos), as the model reads it."""
+        return format_history(self.turns, self.eos_token_id)
+
+    def reset(self) -> None:
+        """Forget the conversation (and its cache); the seed sequence starts over."""
+        self.turns, self._cached, self._kv, self._replies = [], [], None, 0
+
+    def say(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """The reply to text; on_text receives the reply's text piece by piece as it is generated."""
+        stream = None if on_text is None else (lambda _row, piece: on_text(piece))
+        return Chat.say_many([self], [text], stream)[0]
+
+    @staticmethod
+    @torch.inference_mode()
+    def say_many(chats: Sequence[Chat], texts: Sequence[str],
+                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+        """One turn of several chats, generated as one ragged batch; on_text(chat index, text piece) streams.
+
+        The chats must share the model and sampling settings (seeds may differ). Greedy replies equal those
+        of each chat alone; sampled ones depend on the batch (one random stream serves all rows). MMI
+        chats stream their reply once it is chosen.
+        """
+        chats = list(chats)
+        _check_batch(chats, texts)
+        first = chats[0]
+        model, params = first.model, first.params
+        plans = [chat._plan(chat._user_turn(text)) for chat, text in zip(chats, texts)]
+        owner = [c for c, chat in enumerate(chats) for _ in range(chat.n_candidates)]  # row -> chat index
+        contexts = [plans[c].context for c in owner]
+        reused = [plans[c].reused for c in owner]
+
+        cache = model.new_cache(len(owner), max(len(ctx) for ctx in contexts) + params.max_new_tokens)
+        for row, c in enumerate(owner):
+            if reused[row]:
+                k, v = chats[c]._kv  # each (L, H, n, D)
+                cache.k[:, row, :, :reused[row]] = k[:, :, :reused[row]]
+                cache.v[:, row, :, :reused[row]] = v[:, :, :reused[row]]
+        cache.lengths = list(reused)
+        logits = prefill(model, cache, [ctx[n:] for ctx, n in zip(contexts, reused)])  # (R, V)
+
+        decoders: dict[int, StreamDecoder] = {}
+        on_token = None
+        if on_text is not None:
+            decoders = {row: first.tokenizer.stream_decoder() for row, c in enumerate(owner)
+                        if chats[c].reranker is None}
+
+            def on_token(row: int, token: int) -> None:
+                if row in decoders and (piece := decoders[row].push(token)):
+                    on_text(owner[row], piece)
+
+        seeds = [chat._turn_seed() for chat in chats]
+        seed = seeds[0] if len(chats) == 1 else None if None in seeds else hash(tuple(seeds)) & (2**63 - 1)
+        outputs = continue_from_cache(model, cache, logits, contexts, dataclasses.replace(params, seed=seed), on_token)
+
+        replies = []
+        for c, (chat, plan) in enumerate(zip(chats, plans)):
+            rows = [row for row, o in enumerate(owner) if o == c]
+            row = rows[0]
+            if chat.reranker is not None:
+                generator = None if seeds[c] is None else torch.Generator().manual_seed(seeds[c])
+                best, _ = chat.reranker.rerank(plan.turns, [outputs[r] for r in rows], generator)
+                row = rows[best]
+            reply = outputs[row]
+            text = chat._commit(plan, reply, cache, row)
+            if on_text is not None:
+                tail = decoders[row].flush() if row in decoders else text
+                if tail:
+                    on_text(c, tail)
+            replies.append(text)
+        return replies
+
+    def _user_turn(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"a chat message must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("empty message: type some text (whitespace alone is not a turn)")
+        return self.tokenizer.encode(text)
+
+    def _plan(self, user_turn: list[int]) -> _TurnPlan:
+        turns, cut = fit_history(self.turns + [user_turn], self.budget, self.max_history_turns,
+                                 self.max_history_tokens)
+        if cut:
+            warnings.warn(ChatNotice(
+                f"your message is {len(user_turn)} tokens; with the {self.params.max_new_tokens}-token reply budget "
+                f"only {len(turns[-1])} fit in the model's {self.model.config.n_positions} positions, so its first "
+                f"{cut} tokens were dropped"), stacklevel=4)
+        context = format_history(turns, self.eos_token_id)
+        n = len(self._cached)
+        return _TurnPlan(turns, context, n if context[:n] == self._cached else 0)
+
+    def _turn_seed(self) -> int | None:
+        return None if self.seed is None else self.seed + self._replies
+
+    def _commit(self, plan: _TurnPlan, reply: list[int], cache: KVCache, row: int) -> str:
+        """Remember the turn and the chosen row's keys/values; returns the reply's text."""
+        reply_turn = reply[:-1] if reply and reply[-1] == self.eos_token_id else reply
+        held = len(plan.context) + len(reply) - 1  # the last chosen token was not fed to the cache
+        self._kv = (cache.k[:, row, :, :held].clone(), cache.v[:, row, :, :held].clone())  # each (L, H, held, D)
+        self._cached = plan.context + reply[:-1]
+        self.turns = plan.turns + [reply_turn]
+        self._replies += 1
+        return self.tokenizer.decode(reply_turn, skip_special_tokens=True)
+
+
+def _check_batch(chats: list[Chat], texts: Sequence[str]) -> None:
+    if not chats:
+        raise ValueError("no chats to step")
+    if isinstance(texts, str) or len(texts) != len(chats):
+        raise ValueError(f"give one message per chat: {len(chats)} chats, "
+                         f"{'a single string' if isinstance(texts, str) else len(texts)} messages")
+    if len({id(chat) for chat in chats}) != len(chats):
+        raise ValueError("the same chat appears twice in one step")
+    first = chats[0]
+    for i, chat in enumerate(chats[1:], 1):
+        if chat.model is not first.model:
+            raise ValueError(f"chat {i} talks to a different model than chat 0: a batch runs on one model")
+        if dataclasses.replace(chat.params, seed=None) != dataclasses.replace(first.params, seed=None):
+            raise ValueError(f"chat {i} has different sampling settings than chat 0 ({chat.params} vs "
+                             f"{first.params}): step them separately")

@@ -1,0 +1,251 @@
+"""The `gpt2` command line: one subcommand per task, each registered by its own `_add_*_parser` function.
+
+Bad input (a checkpoint, config, tokenizer or destination problem) prints `gpt2 <command>: error: <message>`
+to stderr and exits with status 2, without a traceback; an operating-system error (permission, disk full)
+does the same with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .backend import BACKENDS
+from .chat import CHAT_DEFAULTS, DEFAULT_MAX_HISTORY_TOKENS, Chat, ChatNotice
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .convert import DTYPES, ConvertError, convert
+from .loading import load
+from .model import GPT2
+from .sampling import SamplingParams
+from .tokenizer import TokenizerError
+
+USER_ERRORS = (CheckpointError, ConfigError, ConvertError, TokenizerError)
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --- convert ---------------------------------------------------------------------------------------
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a released checkpoint into this engine's directory format",
+        description="Convert SRC (a Hugging Face directory, a DialoGPT .pkl / .bin / .safetensors file, or an "
+                    "engine directory) into the engine directory DST (config.json, model.safetensors, vocab.json, "
+                    "merges.txt). The model size is inferred from the weights unless --preset or --config is given.",
+    )
+    p.add_argument("src", help="checkpoint directory or weights file")
+    p.add_argument("dst", help="directory to create")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="named model size, e.g. dialogpt-medium")
+    which.add_argument("--config", help="a Hugging Face GPT-2 config.json to use (checked against the weights)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype (default: keep the source's)")
+    p.add_argument("--force", action="store_true", help="replace DST if it is a previously converted model")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    dst = convert(args.src, args.dst, preset=args.preset, config=args.config,
+                  dtype=DTYPES[args.dtype] if args.dtype else None, force=args.force, progress=args.progress)
+    print(f"wrote {dst}")
+    return 0
+
+
+# --- generate --------------------------------------------------------------------------------------
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="an engine directory (gpt2 convert), a Hugging Face directory, a weights file, or a hub id")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default: fp32)")
+    p.add_argument("--backend", choices=BACKENDS, help="fused-op backend (default: triton on cuda, torch elsewhere)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sample", dest="do_sample", action="store_true", help="sample the next token"
+                      + (" (default)" if defaults["do_sample"] else ""))
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the most likely token"
+                      + ("" if defaults["do_sample"] else " (default)"))
+    p.set_defaults(do_sample=defaults["do_sample"])
+    flags = (("max_new_tokens", int, "most tokens per reply"), ("temperature", float, "sampling temperature"),
+             ("top_k", int, "sample among the k most likely tokens (0: all)"),
+             ("top_p", float, "sample within this probability mass (1: all)"),
+             ("repetition_penalty", float, "divide seen tokens' logits by this (1: off)"),
+             ("no_repeat_ngram_size", int, "never repeat an n-gram of this size (0: off)"),
+             ("min_new_tokens", int, "no end of text before this many tokens"))
+    for name, kind, text in flags:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
+                       help=f"{text} (default: {defaults[name]})")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+             "no_repeat_ngram_size", "min_new_tokens")
+    return {name: getattr(args, name) for name in names}
+
+
+def _load(args: argparse.Namespace, model: str) -> GPT2:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text",
+                       description="Generate a continuation of --prompt with MODEL and stream it to stdout, "
+                                   "stopping at <|endoftext|> or --max-new-tokens.")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat-format", action="store_true",
+                   help="treat the prompt as one DialoGPT turn (append <|endoftext|>) and print the reply")
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    _add_sampling_flags(p, defaults)
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    try:
+        model = _load(args, args.model)
+        tokenizer = model.tokenizer
+        prompt = tokenizer.encode(args.prompt) + ([tokenizer.eos_token_id] if args.chat_format else [])
+        if not prompt:
+            raise ValueError("the prompt is empty: give some text with --prompt")
+        params = SamplingParams(**_sampling(args), eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    except ValueError as e:  # a bad model, device or setting
+        print(f"gpt2 generate: error: {e}", file=sys.stderr)
+        return 2
+    decoder = tokenizer.stream_decoder()
+    try:
+        model.generate([prompt], **dataclasses.asdict(params), on_token=lambda _row, token: _write(decoder.push(token)))
+    except ValueError as e:  # e.g. prompt plus max_new_tokens longer than the model's context
+        print(f"gpt2 generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _write("\n")
+        return 130
+    _write(decoder.flush() + "\n")
+    return 0
+
+
+# --- chat ------------------------------------------------------------------------------------------
+
+CHAT_COMMANDS = {"/reset": "forget the conversation", "/quit": "leave (also /exit, Ctrl-D, Ctrl-C)"}
+
+
+def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a DialoGPT model",
+                       description="Chat with MODEL, streaming each reply. Interactive on a terminal (commands: "
+                                   + "; ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items())
+                                   + "); with stdin a pipe, each input line is one turn and each reply one output line.")
+    _add_model_flags(p)
+    p.add_argument("--reverse-model", metavar="M", help="a reverse (backward) model: rerank sampled replies by MMI")
+    p.add_argument("--n-candidates", type=int, default=10, help="replies sampled per turn for MMI (default: 10)")
+    p.add_argument("--mmi-temperature", type=float, default=0.0,
+                   help="0 picks the best MMI score; > 0 samples from softmax(score / T) (default: 0)")
+    p.add_argument("--mmi-source-turns", type=int, default=1,
+                   help="newest history turns the reverse model must predict (default: 1, the message answered)")
+    p.add_argument("--max-history-turns", type=int, help="most turns the model sees, the new message included")
+    p.add_argument("--max-history-tokens", type=int, default=DEFAULT_MAX_HISTORY_TOKENS,
+                   help=f"most history tokens the model sees; 0: only the context length limits it "
+                        f"(default: {DEFAULT_MAX_HISTORY_TOKENS})")
+    _add_sampling_flags(p, CHAT_DEFAULTS)
+    p.set_defaults(handler=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    try:
+        model = _load(args, args.model)
+        reverse = _load(args, args.reverse_model) if args.reverse_model else None
+        chat = Chat(model, max_history_turns=args.max_history_turns,
+                    max_history_tokens=args.max_history_tokens or None, seed=args.seed, reverse_model=reverse,
+                    n_candidates=args.n_candidates, mmi_temperature=args.mmi_temperature,
+                    mmi_source_turns=args.mmi_source_turns, **_sampling(args))
+    except ValueError as e:  # a bad model, device or setting
+        print(f"gpt2 chat: error: {e}", file=sys.stderr)
+        return 2
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model}; " + ", ".join(f"{c} to {what}" for c, what in CHAT_COMMANDS.items()))
+    try:
+        _chat_loop(chat, interactive)
+    except KeyboardInterrupt:
+        _write("\n")
+        return 130
+    return 0
+
+
+def _chat_loop(chat: Chat, interactive: bool) -> None:
+    """Read turns until end of input or /quit; each reply is streamed on one line."""
+    while True:
+        if interactive:
+            try:
+                line = input("you> ")
+            except EOFError:  # Ctrl-D
+                _write("\n")
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            chat.reset()
+            print("(history cleared)", file=sys.stderr, flush=True)
+            continue
+        if not text:
+            print("(empty message: type some text; /reset clears the history, /quit leaves)", file=sys.stderr,
+                  flush=True)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", ChatNotice)
+            warnings.showwarning = lambda message, *_: print(f"notice: {message}", file=sys.stderr, flush=True)
+            _write("bot> " if interactive else "")
+            chat.say(text, on_text=lambda piece: _write(piece.replace("\r", " ").replace("\n", " ")))
+        _write("\n")
+
+
+# --- bench (to be added) ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 / DialoGPT inference engine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert_parser(sub)
+    _add_generate_parser(sub)
+    _add_chat_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error or the help
+        return e.code if isinstance(e.code, int) else 2
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except USER_ERRORS as e:
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. permission denied or disk full while writing
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

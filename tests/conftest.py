@@ -1,0 +1,57 @@
+"""Shared fixtures: the code under test must come from this repository; a tiny GPT-2 and its checkpoints.
+
+Run from the repository root: `python -m pytest` (tests/ is a package, so pytest puts the root on sys.path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt2
+import kernels
+from tests.checkpoints import FORMATS, make_reference_model, save_checkpoint
+from gpt2.config import GPT2Config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _from_repo(module: object, name: str) -> None:
+    locations = [Path(p).resolve() for p in getattr(module, "__path__", [])]
+    if REPO / name not in locations:
+        raise pytest.UsageError(
+            f"`import {name}` found {locations or module}, not {REPO / name}: another package of that name "
+            f"shadows this repository's; run the tests with PYTHONPATH={REPO}"
+        )
+
+
+_from_repo(gpt2, "gpt2")
+_from_repo(kernels, "kernels")
+
+TINY = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> GPT2Config:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_config):
+    """transformers' GPT2LMHeadModel with tiny_config, seeded, fp32, eval."""
+    return make_reference_model(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(reference_model, tmp_path_factory) -> dict[str, Path]:
+    """reference_model saved in every format of checkpoints.FORMATS: format -> path to read."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {fmt: save_checkpoint(reference_model, root / fmt, fmt) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="session")
+def token_ids() -> torch.Tensor:
+    """A fixed batch of inputs (2, 19) for comparing logits."""
+    return torch.randint(0, TINY.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,111 @@
+"""Generation semantics beyond greedy parity: seeded sampling, the sampling filters, bad parameters, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2 import GPT2, GPT2Config
+from gpt2.sampling import NGramBans, apply_top_k, apply_top_p
+
+CONFIG = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=50257)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(CONFIG).eval()
+
+
+PROMPTS = [[464, 3290, 318], [40, 588, 257, 1310, 11, 290]]
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=0.9, eos_token_id=None)
+    a = model.generate(PROMPTS, seed=123, **kwargs)
+    b = model.generate(PROMPTS, seed=123, **kwargs)
+    c = model.generate(PROMPTS, seed=124, **kwargs)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(model):
+    greedy = model.generate(PROMPTS, max_new_tokens=10, eos_token_id=None)
+    assert model.generate(PROMPTS, max_new_tokens=10, do_sample=True, top_k=1, seed=0, eos_token_id=None) == greedy
+    assert model.generate(PROMPTS, max_new_tokens=10, do_sample=True, top_p=1e-6, seed=0, eos_token_id=None) == greedy
+
+
+def test_tensor_prompts_and_on_token_stream(model):
+    seen: list[tuple[int, int]] = []
+    out = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=5, eos_token_id=None,
+                         on_token=lambda row, tok: seen.append((row, tok)))
+    assert [tok for _, tok in seen] == out[0] and len(out[0]) == 5
+
+
+def test_min_new_tokens_forbids_early_eos(model):
+    first = model.generate([PROMPTS[0]], max_new_tokens=1, eos_token_id=None)[0][0]
+    out = model.generate([PROMPTS[0]], max_new_tokens=6, min_new_tokens=4, eos_token_id=first)[0]
+    assert first not in out[:4]
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isinf(apply_top_k(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = logits.softmax(-1)  # ~[0.03, 0.64, 0.24, 0.09]
+    kept = ~torch.isinf(apply_top_p(logits, 0.8))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert probs[kept].sum() >= 0.8
+
+
+def test_ngram_bans_track_each_row():
+    bans = NGramBans(2, [[1, 2, 3, 1], [5, 5]])
+    assert bans.banned(0) == [2]  # "1 2" seen: after 1, 2 is banned
+    assert bans.banned(1) == [5]
+    bans.append(0, 7)
+    assert bans.banned(0) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size"),
+        (dict(min_new_tokens=-1), "min_new_tokens"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(eos_token_id=60000), "eos_token_id"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(PROMPTS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([], "empty"),
+        ([[1, 2], []], "prompt 1 is empty"),
+        ([[1, 50257]], "token id 50257 at index 1"),
+        ([[-1]], "token id -1"),
+        ("hello", "list of token-id lists"),
+        (torch.ones(3, dtype=torch.long), "integer tensor"),
+    ],
+)
+def test_bad_prompts_are_refused(model, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompts)
+
+
+def test_context_limit_is_enforced_per_row(model):
+    with pytest.raises(ValueError, match=r"prompt 1: 60 tokens \+ max_new_tokens 5 = 65 exceeds .*n_positions \(64\)"):
+        model.generate([[1] * 10, [1] * 60], max_new_tokens=5)
+    assert len(model.generate([[1] * 59], max_new_tokens=5, eos_token_id=None)[0]) == 5
+
+
+def test_forward_longer_than_context_is_refused(model):
+    with pytest.raises(ValueError, match="exceeds n_positions"):
+        model(torch.zeros(1, 65, dtype=torch.long))
