@@ -40,10 +40,12 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
                                      "owner/name)")
         path = _engine_dir_for_hub_id(path_or_hub_id)
     config, state_dict = read_checkpoint(path)
-    model = GPT2(config, backend=backend)
-    model.load_state_dict(state_dict)
+    with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint below
+        model = GPT2(config)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
+    model.set_backend(backend)  # a backend that cannot run on this device fails here, not mid-generation
     model.tokenizer = tokenizer_for(path)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()
 
 
 def _check_device(device: str | torch.device) -> torch.device:

@@ -5,13 +5,20 @@ Run from the repository root: `python -m pytest` (tests/ is a package, so pytest
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
 
-import gpt2
-import kernels
+if not torch.cuda.is_available():
+    # The Triton kernels are decorated when `kernels` is imported: without a GPU they must be
+    # interpreted, and TRITON_INTERPRET is only read then, so set it before anything imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import gpt2  # noqa: E402
+import kernels  # noqa: E402
 from tests.checkpoints import FORMATS, make_reference_model, save_checkpoint
 from gpt2.config import GPT2Config
 
