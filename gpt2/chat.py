@@ -222,7 +222,7 @@ class Chat:
             warnings.warn(ChatNotice(
                 f"your message is {len(user_turn)} tokens; with the {self.params.max_new_tokens}-token reply budget "
                 f"only {len(turns[-1])} fit in the model's {self.model.config.n_positions} positions, so its first "
-                f"{cut} tokens were dropped"), stacklevel=4)
+                f"{cut} tokens were dropped"))
         context = format_history(turns, self.eos_token_id)
         n = len(self._cached)
         return _TurnPlan(turns, context, n if context[:n] == self._cached else 0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gpt2
-from gpt2 import Chat
+from gpt2 import Chat, ChatNotice
 from gpt2.cli import main
 from tests.checkpoints import make_reference_model, save_checkpoint
 
@@ -53,16 +53,20 @@ def run_cli(args: list[str], stdin: str = "", **env: str) -> subprocess.Complete
 
 
 def test_chat_through_a_pipe_one_line_per_turn(model_dir):
-    lines = ["Hello there", "", "   ", "How are you?", "/reset", "Hello there", "/quit", "never read"]
+    too_long = "word " * 200  # more tokens than the context holds: cut, with a notice
+    lines = ["Hello there", "", "   ", "How are you?", "/reset", "Hello there", too_long, "/quit", "never read"]
     result = run_cli(["chat", str(model_dir), "--max-new-tokens", "6", "--seed", "4"], "\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("empty message") == 2 and "history cleared" in result.stderr
+    assert result.stderr.count("notice: your message is 200 tokens") == 1
 
     chat = Chat(gpt2.load(model_dir), max_new_tokens=6, seed=4)  # the same conversation in-process
     expected = [chat.say("Hello there"), chat.say("How are you?")]
     chat.reset()
     expected.append(chat.say("Hello there"))
+    with pytest.warns(ChatNotice):
+        expected.append(chat.say(too_long.strip()))
     assert result.stdout.splitlines() == [e.replace("\n", " ").replace("\r", " ") for e in expected]
     assert expected[2] == expected[0]  # reset really forgot the conversation
 
@@ -151,6 +155,11 @@ def test_generate_streams_a_one_shot_continuation(model_dir, capsys):
     model = gpt2.load(model_dir)
     tokens = model.generate([model.tokenizer.encode("Hello there")], max_new_tokens=7)[0]
     assert out == model.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+    assert main(["generate", str(model_dir), "--prompt", "Hello there", "--chat-format", "--sample", "--seed", "1",
+                 "--max-new-tokens", "9", "--top-k", "40"]) == 0
+    reply = model.generate([model.tokenizer.encode("Hello there") + [50256]], max_new_tokens=9, do_sample=True,
+                           top_k=40, seed=1)[0]
+    assert capsys.readouterr().out == model.tokenizer.decode(reply, skip_special_tokens=True) + "\n"
 
     assert main(["generate", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "500"]) == 2
     assert "exceeds the model's n_positions" in capsys.readouterr().err

@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import gpt2
+from gpt2.checkpoint import is_engine_dir
 from gpt2.model import GPT2
 
 CONVERSATIONS = [
@@ -58,8 +60,8 @@ def engine_outputs(model: GPT2, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 def reference_outputs(source: str, model: GPT2, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     import transformers
 
-    if (Path(source) / "config.json").is_file() and not (Path(source) / "engine.json").exists():
-        ref = transformers.GPT2LMHeadModel.from_pretrained(source, torch_dtype=model.dtype)
+    if (Path(source) / "config.json").is_file() and not is_engine_dir(source):
+        ref = transformers.GPT2LMHeadModel.from_pretrained(source, dtype=model.dtype)
     else:
         ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**model.config.to_dict()))
         state = {("transformer." + k): (v.t() if k.endswith(CONV1D_SUFFIXES) else v)
@@ -94,8 +96,9 @@ def compare(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], atol: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a converted directory, a Hugging Face directory or file, or a hub id")
-    parser.add_argument("--reference", type=Path, help="check against reference outputs saved earlier")
-    parser.add_argument("--save-reference", type=Path, help="save the transformers outputs to this file")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--reference", type=Path, help="check against reference outputs saved earlier")
+    source.add_argument("--save-reference", type=Path, help="save the transformers outputs to this file")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", choices=["torch", "triton"], default=None)
@@ -108,24 +111,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
     atol = args.atol if args.atol is not None else DEFAULT_ATOL[dtype]
+    try:
+        saved = load_file(args.reference) if args.reference is not None else {}
+    except (OSError, SafetensorError) as e:
+        print(f"parity: error: cannot read the reference file {args.reference}: {e}", file=sys.stderr)
+        return 2
+    to_save: dict[str, torch.Tensor] = {}
     ok = True
     for i, prompt in enumerate(chat_prompts(model)):
         ids = torch.tensor([prompt], device=model.device)
         print(f"conversation {i}: {len(prompt)} tokens")
-        ours = engine_outputs(model, ids)
         if args.reference is not None:
-            saved = load_file(args.reference)
             ref = {k.split("/", 1)[1]: v.to(model.device) for k, v in saved.items() if k.startswith(f"{i}/")}
             if not ref:
                 print(f"parity: error: {args.reference} has no outputs for conversation {i}", file=sys.stderr)
                 return 2
         else:
             ref = reference_outputs(args.model, model, ids)
-            if args.save_reference is not None:
-                saved = load_file(args.save_reference) if i else {}
-                saved.update({f"{i}/{k}": v.cpu().contiguous() for k, v in ref.items()})
-                save_file(saved, args.save_reference)
-        ok &= compare(ours, ref, atol)
+            to_save.update({f"{i}/{k}": v.cpu().contiguous() for k, v in ref.items()})
+        ok &= compare(engine_outputs(model, ids), ref, atol)
+    if args.save_reference is not None:
+        save_file(to_save, args.save_reference)
+        print(f"saved the reference outputs to {args.save_reference}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
