@@ -163,7 +163,8 @@ class Chat:
         _check_batch(chats, texts)
         first = chats[0]
         model, params = first.model, first.params
-        plans = [chat._plan(chat._user_turn(text)) for chat, text in zip(chats, texts)]
+        user_turns = [chat._user_turn(text) for chat, text in zip(chats, texts)]  # all checked before any work
+        plans = [chat._plan(turn) for chat, turn in zip(chats, user_turns)]
         owner = [c for c, chat in enumerate(chats) for _ in range(chat.n_candidates)]  # row -> chat index
         contexts = [plans[c].context for c in owner]
         reused = [plans[c].reused for c in owner]
@@ -188,6 +189,7 @@ class Chat:
                     on_text(owner[row], piece)
 
         seeds = [chat._turn_seed() for chat in chats]
+        # One random stream serves the batch: a lone chat's own turn seed, else one derived from every chat's.
         seed = seeds[0] if len(chats) == 1 else None if None in seeds else hash(tuple(seeds)) & (2**63 - 1)
         outputs = continue_from_cache(model, cache, logits, contexts, dataclasses.replace(params, seed=seed), on_token)
 
