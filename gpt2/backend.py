@@ -1,7 +1,7 @@
 """The one dispatch point between the model and its fused operations: plain torch, or this repo's Triton kernels.
 
-The model calls LayerNorm, residual-add + LayerNorm, the MLP's bias + GELU and attention only through a
-`Backend`, so kernels slot in without touching the model. Chosen per device (Triton on CUDA, torch
+The model calls its linear layers, LayerNorm, residual-add + LayerNorm, the MLP's bias + GELU and attention
+only through a `Backend`, so kernels slot in without touching the model. Chosen per device (Triton on CUDA, torch
 elsewhere), overridable with `gpt2.load(..., backend=...)` or the `GPT2_BACKEND` environment variable.
 """
 
@@ -11,6 +11,7 @@ import math
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .kv_cache import ForwardStep
@@ -18,10 +19,29 @@ from .kv_cache import ForwardStep
 BACKENDS = ("torch", "triton")
 
 
+def _onednn_linear(x: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether `layer(x)` can go through oneDNN's fp32/bf16 GEMM: a plain nn.Linear on the CPU, no autograd."""
+    return (isinstance(layer, nn.Linear) and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and layer.weight.dtype == x.dtype and not (torch.is_grad_enabled() and layer.weight.requires_grad)
+            and _HAS_ONEDNN_LINEAR)
+
+
+# oneDNN's matmul, as torch.compile's CPU freezing pass calls it, on the nn.Linear weight as it is (no packed
+# copy). Measured on an AMD EPYC (Zen 4), 2 threads, all DialoGPT-small linears: 1 row 14.4 ms vs 23.6 ms for
+# F.linear (MKL), 8 rows 21 vs 38 ms, 32 rows 39 vs 54 ms; the lm_head at 1 row 4.7 vs 11.5 ms. Same fp32 math.
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class TorchBackend:
-    """Reference path: torch's own LayerNorm, SDPA and tanh GELU. Runs anywhere."""
+    """Reference path: torch's own matmuls, LayerNorm, SDPA and tanh GELU. Runs anywhere."""
 
     name = "torch"
+
+    def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """layer(x) for a linear layer (nn.Linear, or a quantized stand-in with the same call)."""
+        if _onednn_linear(x, layer):
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+        return layer(x)
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -31,9 +51,11 @@ class TorchBackend:
         h = x + residual
         return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
 
-    def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # gelu_new(x W^T + b): torch's tanh approximation is GPT-2's gelu_new formula.
-        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        # gelu_new(x W^T + b): the tanh approximation is GPT-2's gelu_new formula (oneDNN fuses it into the matmul).
+        if _onednn_linear(x, layer):
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "tanh")
+        return F.gelu(layer(x), approximate="tanh")
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
         # q (B, H, T, D); k, v (B, H, S, D) -> (B, H, T, D)
@@ -60,8 +82,11 @@ class TritonBackend(TorchBackend):
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
 
-    def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.kernels.bias_gelu(F.linear(x, weight), bias)
+    def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return layer(x)
+
+    def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return self.kernels.bias_gelu(F.linear(x, layer.weight), layer.bias)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])

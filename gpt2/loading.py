@@ -37,7 +37,8 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     if not path.exists():
         if not (isinstance(path_or_hub_id, str) and _HUB_ID.fullmatch(path_or_hub_id)):
             raise ModelNotFoundError(f"{path_or_hub_id}: no such file or directory (and not a hub id of the form "
-                                     "owner/name)")
+                                     "owner/name). Give a converted directory (`gpt2 convert SRC DST`), a Hugging "
+                                     "Face checkpoint directory or weights file, or a hub id")
         path = _engine_dir_for_hub_id(path_or_hub_id)
     config, state_dict = read_checkpoint(path)
     with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint below

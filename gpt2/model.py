@@ -31,14 +31,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: ForwardStep, cache: KVCache | None,
                 backend: TorchBackend) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qkv = backend.linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
             cache.write(self.layer, k, v, step)
             k, v = cache.keys_values(self.layer, step)  # each (B, nh, S, hs)
         y = backend.attention(q, k, v, step)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+        return backend.linear(y, self.c_proj)
 
 
 class MLP(nn.Module):
@@ -48,7 +48,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor, backend: TorchBackend) -> torch.Tensor:
-        return self.c_proj(backend.linear_gelu(x, self.c_fc.weight, self.c_fc.bias))
+        return backend.linear(backend.linear_gelu(x, self.c_fc), self.c_proj)
 
 
 class Block(nn.Module):

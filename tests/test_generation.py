@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2 import GPT2, GPT2Config
-from gpt2.sampling import NGramBans, apply_top_k, apply_top_p
+from gpt2.sampling import NGramBans, SamplingParams, apply_top_p, choose_next
 
 CONFIG = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=50257)
 
@@ -48,13 +48,21 @@ def test_min_new_tokens_forbids_early_eos(model):
     assert first not in out[:4]
 
 
-def test_top_k_and_top_p_filters():
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
-    assert torch.isinf(apply_top_k(logits, 2)).tolist() == [[True, False, False, True]]
     probs = logits.softmax(-1)  # ~[0.03, 0.64, 0.24, 0.09]
     kept = ~torch.isinf(apply_top_p(logits, 0.8))
     assert kept.tolist() == [[False, True, True, False]]
     assert probs[kept].sum() >= 0.8
+
+
+@pytest.mark.parametrize("top_k, top_p, allowed", [(2, 1.0, {1, 2}), (3, 0.8, {1, 2}), (0, 0.8, {1, 2}),
+                                                    (1, 1.0, {1}), (0, 1.0, {0, 1, 2, 3})])
+def test_sampling_draws_only_what_top_k_and_top_p_keep(top_k, top_p, allowed):
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]]).repeat(400, 1)  # 400 independent rows
+    params = SamplingParams(do_sample=True, top_k=top_k, top_p=top_p)
+    drawn = set(choose_next(logits, params, torch.Generator().manual_seed(0)).tolist())
+    assert drawn == allowed
 
 
 def test_ngram_bans_track_each_row():
