@@ -19,17 +19,16 @@ from .kv_cache import ForwardStep
 BACKENDS = ("torch", "triton")
 
 
-def _onednn_linear(x: torch.Tensor, layer: nn.Module) -> bool:
-    """Whether `layer(x)` can go through oneDNN's fp32/bf16 GEMM: a plain nn.Linear on the CPU, no autograd."""
-    return (isinstance(layer, nn.Linear) and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and layer.weight.dtype == x.dtype and not (torch.is_grad_enabled() and layer.weight.requires_grad)
-            and _HAS_ONEDNN_LINEAR)
-
-
-# oneDNN's matmul, as torch.compile's CPU freezing pass calls it, on the nn.Linear weight as it is (no packed
-# copy). Measured on an AMD EPYC (Zen 4), 2 threads, all DialoGPT-small linears: 1 row 14.4 ms vs 23.6 ms for
+# oneDNN's matmul (what torch.compile's CPU freezing pass calls) on the weight as it is, no packed copy.
+# Measured on an AMD EPYC (Zen 4), 2 threads, all DialoGPT-small block linears: 1 row 14.4 ms vs 23.6 ms for
 # F.linear (MKL), 8 rows 21 vs 38 ms, 32 rows 39 vs 54 ms; the lm_head at 1 row 4.7 vs 11.5 ms. Same fp32 math.
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU fp32/bf16 inference: oneDNN has no backward, so autograd keeps F.linear."""
+    return (_HAS_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and not (torch.is_grad_enabled() and weight.requires_grad))
 
 
 class TorchBackend:
@@ -38,10 +37,13 @@ class TorchBackend:
     name = "torch"
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """layer(x) for a linear layer (nn.Linear, or a quantized stand-in with the same call)."""
-        if _onednn_linear(x, layer):
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
-        return layer(x)
+        """x W^T + b for a layer holding float `weight` (out, in) and optional `bias`; other layers are called."""
+        weight, bias = layer.weight, getattr(layer, "bias", None)  # the tied lm_head is the embedding: no bias
+        if not weight.is_floating_point():
+            return layer(x)  # a quantized layer (gpt2.quantize) computes itself
+        if _use_onednn(x, weight):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -53,9 +55,9 @@ class TorchBackend:
 
     def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         # gelu_new(x W^T + b): the tanh approximation is GPT-2's gelu_new formula (oneDNN fuses it into the matmul).
-        if _onednn_linear(x, layer):
+        if layer.weight.is_floating_point() and _use_onednn(x, layer.weight):
             return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "tanh")
-        return F.gelu(layer(x), approximate="tanh")
+        return F.gelu(self.linear(x, layer), approximate="tanh")
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
         # q (B, H, T, D); k, v (B, H, S, D) -> (B, H, T, D)
@@ -83,7 +85,7 @@ class TritonBackend(TorchBackend):
         return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        return layer(x)
+        return F.linear(x, layer.weight, getattr(layer, "bias", None))
 
     def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return self.kernels.bias_gelu(F.linear(x, layer.weight), layer.bias)

@@ -7,10 +7,12 @@ so every row generates exactly what it would alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
+from .decode_graph import StaticDecodeStep, cuda_graphs_enabled
 from .kv_cache import KVCache
 from .sampling import NGramBans, SamplingParams, apply_repetition_penalty, choose_next
 
@@ -110,6 +112,11 @@ def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histo
             seen[i, row] = True
     bans = NGramBans(params.no_repeat_ngram_size, histories) if params.no_repeat_ngram_size > 0 else None
 
+    if cuda_graphs_enabled(model):
+        decode: Callable[[torch.Tensor], torch.Tensor] = StaticDecodeStep(model, cache, use_graph=True)
+    else:
+        decode = partial(decode_one_token, model, cache)
+
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
     for step in range(params.max_new_tokens):
@@ -137,5 +144,5 @@ def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histo
             break
         if seen is not None:
             seen[torch.arange(batch, device=device), next_tokens] = True
-        logits = decode_one_token(model, cache, next_tokens)
+        logits = decode(next_tokens)
     return outputs

@@ -26,6 +26,9 @@ class ForwardStep:
     q_start_host: list[int]
     n_new_host: list[int]
     chunk_len: int  # T
+    # True when the tensors above are fixed buffers refilled before each run (a CUDA-graph decode step):
+    # nothing may then depend on the host positions, so no slice writes and no mask shortcuts.
+    position_independent: bool = False
 
     @classmethod
     def build(cls, q_start: list[int], n_new: list[int], chunk_len: int, n_positions: int, device: torch.device,
@@ -46,15 +49,20 @@ class ForwardStep:
     @cached_property
     def dense(self) -> bool:
         """Every row starts at the same position and fills the whole chunk (no padding, no raggedness)."""
-        return len(set(self.q_start_host)) == 1 and all(n == self.chunk_len for n in self.n_new_host)
+        return (not self.position_independent and len(set(self.q_start_host)) == 1
+                and all(n == self.chunk_len for n in self.n_new_host))
 
     @cached_property
     def write_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, slots, chunk offsets) of the valid new tokens, each (N,), for ragged cache writes."""
         device = self.q_start.device
-        t = torch.arange(self.chunk_len, device=device)  # (T,)
-        valid = t[None, :] < torch.tensor(self.n_new_host, device=device)[:, None]  # (B, T)
-        rows, offsets = valid.nonzero(as_tuple=True)
+        B, T = len(self.n_new_host), self.chunk_len
+        if all(n == T for n in self.n_new_host):  # every token valid: no data-dependent nonzero()
+            rows = torch.arange(B, device=device).repeat_interleave(T)  # (B*T,)
+            offsets = torch.arange(T, device=device).repeat(B)
+        else:
+            valid = torch.arange(T, device=device)[None, :] < torch.tensor(self.n_new_host, device=device)[:, None]
+            rows, offsets = valid.nonzero(as_tuple=True)  # (B, T) mask -> (N,) each
         return rows, self.q_start.long()[rows] + offsets, offsets
 
     @cached_property

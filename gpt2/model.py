@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backend import TorchBackend, select_backend
 from .config import GPT2Config
@@ -82,6 +81,7 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head: nn.Module | None = None  # None: tied to wte (logits = h wte^T); gpt2.quantize sets its own
         self.backend_name = backend
         self._backend: tuple[torch.device, TorchBackend] | None = None
 
@@ -120,11 +120,22 @@ class GPT2(nn.Module):
         if cache is None:
             if T > self.config.n_positions:
                 raise ValueError(f"sequence length {T} exceeds n_positions ({self.config.n_positions})")
-            n_new = [T] * B
-            step = ForwardStep.build([0] * B, n_new, T, self.config.n_positions, input_ids.device)
+            step = ForwardStep.build([0] * B, [T] * B, T, self.config.n_positions, input_ids.device)
         else:
-            n_new = [T] * B if n_new is None else list(n_new)
-            step = cache.begin(n_new, T)
+            step = cache.begin([T] * B if n_new is None else list(n_new), T)
+        out = self.forward_step(input_ids, step, cache, last_only, hidden_only)
+        if cache is not None:
+            cache.commit(step)
+        return out
+
+    def forward_step(self, input_ids: torch.Tensor, step: ForwardStep, cache: KVCache | None,
+                     last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
+        """`forward` over an already planned step; leaves the cache's row lengths to the caller.
+
+        For a dense step of one token per row it does no host work that depends on tensor values,
+        so a decode step can be captured in a CUDA graph (see `gpt2.decode_graph`).
+        """
+        B, T = input_ids.shape
         x = self.wte(input_ids) + self.wpe(step.positions)  # (B, T, C)
         backend = self.backend
         first = self.h[0].ln_1
@@ -132,14 +143,15 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.h):
             next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
             x, normed = block(x, normed, next_norm, step, cache, backend)
-        if cache is not None:
-            cache.commit(step)
         if last_only:
-            last = torch.tensor([max(n - 1, 0) for n in n_new], device=normed.device)
-            normed = normed[torch.arange(B, device=normed.device), last]  # (B, C)
+            if all(n == T for n in step.n_new_host):
+                normed = normed[:, -1]  # (B, C)
+            else:
+                last = torch.tensor([max(n - 1, 0) for n in step.n_new_host], device=normed.device)
+                normed = normed[torch.arange(B, device=normed.device), last]  # (B, C)
         if hidden_only:
             return normed  # (B, [T,] C)
-        return F.linear(normed, self.wte.weight)  # lm_head tied to wte: (B, [T,] vocab)
+        return backend.linear(normed, self.wte if self.lm_head is None else self.lm_head)  # (B, [T,] vocab)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.device, self.dtype)

@@ -1,0 +1,81 @@
+"""A decode step with static shapes, captured once in a CUDA graph and replayed for every new token.
+
+Decode steps differ only in tensor values (each row's new token and position) when attention reads
+the whole preallocated cache and masks by each row's length. This class keeps those inputs in fixed
+buffers, so on CUDA the step's ~15 kernel launches per layer are replayed from a graph instead of
+issued from Python. Off CUDA it runs the same static step eagerly, which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_cache import ForwardStep, KVCache
+
+if TYPE_CHECKING:
+    from .model import GPT2
+
+
+def cuda_graphs_enabled(model: GPT2) -> bool:
+    """Graphs on CUDA unless GPT2_CUDA_GRAPHS=0."""
+    return model.device.type == "cuda" and os.environ.get("GPT2_CUDA_GRAPHS", "1") != "0"
+
+
+class StaticDecodeStep:
+    """Callable tokens (B,) -> logits (B, V) for the next position of every row, appending to `cache`."""
+
+    def __init__(self, model: GPT2, cache: KVCache, use_graph: bool) -> None:
+        self.model = model
+        self.cache = cache
+        self.use_graph = use_graph
+        batch, device = cache.batch_size, cache.k.device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.q_start = torch.zeros(batch, dtype=torch.int32, device=device)  # (B,)
+        self.kv_len = torch.ones(batch, dtype=torch.int32, device=device)  # (B,)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # the graph's output buffer
+
+    def _step(self) -> ForwardStep:
+        batch = self.cache.batch_size
+        return ForwardStep(q_start=self.q_start, kv_len=self.kv_len, positions=self.positions,
+                           kv_span=self.cache.max_len, q_start_host=list(self.cache.lengths),
+                           n_new_host=[1] * batch, chunk_len=1, position_independent=True)
+
+    def _run(self, step: ForwardStep) -> torch.Tensor:
+        return self.model.forward_step(self.tokens, step, self.cache, last_only=True)
+
+    def _capture(self) -> None:
+        # A fresh ForwardStep for each run: its cached write indices and mask must be computed by ops
+        # that the graph records, not reused from a warm-up run.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, settles the allocator
+            for _ in range(2):
+                self._run(self._step())  # writes this step's K/V at its own slots: repeating it is harmless
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run(self._step())
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        lengths = self.cache.lengths
+        if max(lengths) + 1 > self.cache.max_len:
+            raise ValueError(f"KV cache full: a row holds {max(lengths)} of {self.cache.max_len} tokens")
+        host = torch.tensor(lengths, dtype=torch.int32)
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.q_start.copy_(host)
+        self.kv_len.copy_(host + 1)
+        self.positions.copy_(host.view(-1, 1).clamp(max=self.cache.n_positions - 1))
+        if not self.use_graph:
+            logits = self._run(self._step())
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits.clone()
+        self.cache.lengths = [n + 1 for n in lengths]
+        return logits
