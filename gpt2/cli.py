@@ -218,7 +218,38 @@ def _chat_loop(chat: Chat, interactive: bool) -> None:
         _write("\n")
 
 
-# --- bench (to be added) ---------------------------------------------------------------------------
+# --- bench ---------------------------------------------------------------------------------------
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time generation on this machine (seeded random weights, no download)",
+                       description="Time this engine (fp32 and int8; transformers too when installed) on seeded "
+                                   "random weights of the DialoGPT shapes: prefill, decode per step, tokens/s, "
+                                   "against the machine's weight-streaming bound. The full comparison with "
+                                   "CTranslate2 and torch.compile is benchmarks/bench_generation.py.")
+    p.add_argument("--sizes", nargs="+", choices=["tiny", "small", "medium"], default=["small"],
+                   help="model shapes (default: small)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default: 32)")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per row (default: 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported (default: 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--no-transformers", dest="with_transformers", action="store_false",
+                   help="skip transformers even if it is installed")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import quick_bench
+
+    if args.new_tokens < 2 or args.repeats < 1 or args.prompt_len < 1 or min(args.batch) < 1:
+        print("gpt2 bench: error: --new-tokens must be >= 2; --repeats, --prompt-len and --batch >= 1",
+              file=sys.stderr)
+        return 2
+    print(quick_bench(args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.threads,
+                      args.with_transformers, args.progress))
+    return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_generate_parser(sub)
     _add_chat_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

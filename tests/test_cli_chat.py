@@ -115,12 +115,15 @@ class Terminal:
                 if not chunk:
                     break
                 rest += chunk
-        _, status = os.waitpid(self.pid, 0)
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:  # still running after TIMEOUT: never leave it (or the test run) hanging
+            os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
         os.close(self.fd)
         return os.waitstatus_to_exitcode(status), self.output + rest
 
 
-def test_chat_in_a_terminal_streams_resets_and_ends_on_ctrl_c(model_dir):
+def test_chat_in_a_terminal_streams_and_resets(model_dir):
     term = Terminal(["chat", str(model_dir), "--max-new-tokens", "6", "--seed", "4"])
     banner = term.read_until("you> ")
     assert "/reset" in banner and "/quit" in banner
@@ -135,10 +138,26 @@ def test_chat_in_a_terminal_streams_resets_and_ends_on_ctrl_c(model_dir):
     term.send("Hello there\n")
     again = term.read_until("you> ")
     assert again.split("bot> ", 1)[1].rsplit("\n", 1)[0].strip() == reply  # same seed, history forgotten
-    term.send("\x03")  # Ctrl-C at the prompt
+    term.send("/quit\n")
     status, rest = term.finish()
-    assert status == 130, rest
-    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+    assert status == 0, rest
+    assert "Traceback" not in rest
+
+
+def test_ctrl_c_at_the_prompt_ends_cleanly(model_dir, monkeypatch, capsys):
+    """Ctrl-C raises KeyboardInterrupt inside input(): the CLI ends with status 130 and no traceback.
+
+    Raised in-process: a pty's ^C -> SIGINT was seen not to be acted on when pytest runs as a
+    background job, so a signal-based version of this test would depend on how CI starts it.
+    """
+    def interrupted(prompt: str = "") -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupted)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    assert main(["chat", str(model_dir), "--max-new-tokens", "4"]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "KeyboardInterrupt" not in captured.err
 
 
 def test_missing_model_says_how_to_convert(tmp_path):

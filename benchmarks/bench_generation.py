@@ -1,0 +1,391 @@
+"""End-to-end greedy generation: this engine against transformers (eager, sdpa, static cache + torch.compile)
+and CTranslate2 (fp32, int8), on the DialoGPT-small and -medium shapes with seeded random weights.
+
+Every engine gets the same prompts and generates exactly --new-tokens tokens per row (end of text
+suppressed). Reported per engine: prefill ms, decode ms per step, tokens/s, peak memory growth, agreement
+of the generated ids with transformers eager, and the batch-1 decode step as a multiple of the machine's
+weight-streaming bound measured in the same run. Writes a table to stdout and JSON + PNG to --out.
+Engines that are not installed, or fail to set up, are skipped with the reason in the output.
+
+    python benchmarks/bench_generation.py                 # full run (about 10 minutes on 2 cores)
+    python benchmarks/bench_generation.py --smoke --out /tmp/smoke   # seconds: what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gpt2.bench import (SIZES, Engine, agreement, format_table, measure, peak_rss_growth_mb,  # noqa: E402
+                        random_prompts, reference_pair, streaming_bound, this_engine, transformers_engine)
+from gpt2.config import GPT2Config  # noqa: E402
+from gpt2.quantize import quantize_int8  # noqa: E402
+
+REFERENCE = "transformers eager"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per engine, interleaved; medians reported")
+    p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 intra-op threads")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip transformers + torch.compile")
+    p.add_argument("--no-ctranslate2", dest="ctranslate2", action="store_false")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny config, 3 tokens, one repeat, this engine + transformers sdpa only (CI)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                   help="directory for generation.json and generation.png")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], [1, 2], 8, 3, 1
+        args.compile = args.ctranslate2 = False
+    return args
+
+
+def machine() -> dict[str, object]:
+    model_name = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    versions = {name: _version(name) for name in ("transformers", "ctranslate2")}
+    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__, **versions,
+            "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    return __import__(module).__version__
+
+
+class OtherLoad:
+    """CPU time used by other processes while the benchmark runs (they skew timings on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return 0.0, 0.0, time.monotonic()
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / hz  # all but idle and iowait
+        own = sum(os.times()[:4])
+        return busy, own, time.monotonic()
+
+    def cores(self) -> float:
+        """Average cores busy with other processes since construction."""
+        busy, own, now = self._sample()
+        return max(busy - self.start[0] - (own - self.start[1]), 0.0) / max(now - self.start[2], 1e-9)
+
+
+# --- engines -----------------------------------------------------------------------------------------
+
+def compiled_transformers_engine(hf_model: torch.nn.Module, batch: int, max_len: int) -> Engine:
+    """transformers generate with a reused StaticCache and its torch.compile'd decode step (CPU enabled)."""
+    from transformers import CompileConfig, StaticCache
+
+    compile_config = CompileConfig(mode="default", fullgraph=False, dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    hf_model.set_attn_implementation("sdpa")
+    cache = StaticCache(config=hf_model.config, max_cache_len=max_len)  # one object: stable compile guards
+
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        hf_model.set_attn_implementation("sdpa")
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            cache.reset()
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=hf_model.config.eos_token_id, cache=cache,
+                                    compile_config=compile_config)
+        return out[:, ids.shape[1]:].tolist()
+
+    return Engine("transformers static+compile", generate)
+
+
+def ctranslate2_engines(hf_model: torch.nn.Module, workdir: Path, threads: int) -> list[Engine]:
+    """CTranslate2 Generators (fp32, int8) converted from hf_model's weights with its TransformersConverter."""
+    import ctranslate2
+    import transformers
+    from ctranslate2.converters import TransformersConverter
+
+    from gpt2.tokenizer import VOCAB_DIR
+
+    hf_dir, ct2_dir = workdir / "hf", workdir / "ct2"
+    hf_model.save_pretrained(hf_dir)
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(VOCAB_DIR)  # the converter wants the vocabulary
+    tokenizer.save_pretrained(hf_dir)
+    TransformersConverter(str(hf_dir)).convert(str(ct2_dir), force=True)
+    engines = []
+    for compute_type in ("float32", "int8"):
+        generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
+                                          intra_threads=threads, inter_threads=1)
+
+        def generate(prompts: list[list[int]], n: int, generator=generator) -> list[list[int]]:
+            tokens = [tokenizer.convert_ids_to_tokens(p) for p in prompts]
+            results = generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1,
+                                               include_prompt_in_result=False)
+            return [r.sequences_ids[0] for r in results]
+
+        engines.append(Engine(f"ctranslate2 {compute_type.replace('float32', 'fp32')}", generate))
+    return engines
+
+
+# --- one model size ------------------------------------------------------------------------------------
+
+def quantization_error(model: torch.nn.Module, quantized: torch.nn.Module, prompts: list[list[int]]) -> dict:
+    """Logits of the int8 model against fp32 on the benchmark prompts (every position)."""
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        exact, approx = model(ids), quantized(ids)  # (B, T, V)
+    diff = approx - exact
+    return {"max_abs": diff.abs().max().item(), "rel_rms": (diff.norm() / exact.norm()).item(),
+            "top1_agreement": (approx.argmax(-1) == exact.argmax(-1)).float().mean().item(),
+            "logit_std": exact.std().item()}
+
+
+def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -> dict:
+    config: GPT2Config = SIZES[size]
+    hf_model, model = reference_pair(config)
+    quantized = quantize_int8(copy.deepcopy(model))
+    prompts_for_error = random_prompts(max(args.batch), args.prompt_len, config.vocab_size, seed=1)
+    result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head},
+                    "int8_logit_error": quantization_error(model, quantized, prompts_for_error)}
+    engines = [this_engine(model), transformers_engine(hf_model, "sdpa")]
+    if not args.smoke:
+        engines[1:1] = [this_engine(quantized, "this engine int8"), transformers_engine(hf_model, "eager")]
+    if args.ctranslate2:
+        if importlib.util.find_spec("ctranslate2") is None:
+            notes.append("ctranslate2 skipped: not installed (pip install ctranslate2)")
+        else:
+            workdir = Path(tempfile.mkdtemp(prefix="bench-ct2-"))
+            try:
+                engines += ctranslate2_engines(hf_model, workdir, args.threads)
+            except Exception as e:  # noqa: BLE001 - an optional engine that cannot run is reported, not fatal
+                notes.append(f"ctranslate2 skipped ({size}): {type(e).__name__}: {e}")
+    bar.set_postfix_str(f"{size}: weight-streaming bound")
+    bound = streaming_bound(config)
+    result["bound"] = vars(bound)
+    result["runs"] = []
+    for batch in args.batch:
+        batch_engines = list(engines)
+        compile_cost = None
+        if args.compile:
+            engine = compiled_transformers_engine(hf_model, batch, args.prompt_len + args.new_tokens)
+            prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+            try:
+                bar.set_postfix_str(f"{size} batch {batch}: torch.compile")
+                start = time.perf_counter()
+                engine.generate(prompts, args.new_tokens)  # compiles
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                engine.generate(prompts, args.new_tokens)
+                compile_cost = first - (time.perf_counter() - start)
+                batch_engines.append(engine)
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"transformers static+compile skipped ({size}, batch {batch}): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost))
+    return result
+
+
+def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argparse.Namespace, bar: tqdm,
+              compile_cost: float | None) -> dict:
+    prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+    outputs = {}
+    for engine in engines:  # warm-up run; its tokens are the ones compared
+        bar.set_postfix_str(f"batch {batch}: warm-up {engine.name}")
+        outputs[engine.name] = engine.generate(prompts, args.new_tokens)
+        bar.update()
+    bar.set_postfix_str(f"batch {batch}: timing")
+    timings = measure(engines, prompts, args.new_tokens, args.repeats, progress=bar.update)
+    memory = {}
+    for engine in engines:
+        bar.set_postfix_str(f"batch {batch}: memory {engine.name}")
+        memory[engine.name] = peak_rss_growth_mb(lambda: engine.generate(prompts, args.new_tokens))
+        bar.update()
+    reference = outputs.get(REFERENCE, outputs["transformers sdpa"])  # sdpa: the smoke run has no eager
+    engines_out = {}
+    for engine in engines:
+        t = timings[engine.name]
+        engines_out[engine.name] = {
+            "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms, "best_decode_ms": t.best_decode_ms,
+            "tokens_per_s": t.tokens_per_s, "peak_rss_growth_mb": memory[engine.name],
+            "agreement": agreement(outputs[engine.name], reference),
+            "tokens_generated": [len(row) for row in outputs[engine.name]],
+            "samples_s": {"one_token": t.one, "all_tokens": t.full},
+        }
+    if compile_cost is not None:
+        engines_out["transformers static+compile"]["compile_s"] = compile_cost
+    return {"batch": batch, "engines": engines_out}
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "peak mem MB",
+              "agreement"]
+    rows = []
+    for size, res in results["sizes"].items():
+        bound = res["bound"]["gemv_ms"]
+        for run in res["runs"]:
+            for name, e in run["engines"].items():
+                ratio = f"{e['decode_ms'] / bound:.2f}" if run["batch"] == 1 else ""
+                rows.append([size, run["batch"], name, f"{e['prefill_ms']:.1f}", f"{e['decode_ms']:.2f}",
+                             f"{e['tokens_per_s']:.1f}", ratio, f"{e['peak_rss_growth_mb']:.0f}",
+                             f"{e['agreement']:.2f}"])
+    return format_table(header, rows)
+
+
+def summary_lines(results: dict) -> list[str]:
+    lines = []
+    for size, res in results["sizes"].items():
+        b, q = res["bound"], res["int8_logit_error"]
+        lines.append(f"{size}: weight-streaming bound {b['gemv_ms']:.1f} ms = {b['n_bytes'] / 1e6:.0f} MB of fp32 "
+                     f"weights through {b['gemv_kernel']} (a plain max-reduction over them: {b['read_ms']:.1f} ms)")
+        lines.append(f"{size}: int8 logits vs fp32: max |diff| {q['max_abs']:.4f} (logit std {q['logit_std']:.3f}), "
+                     f"relative RMS {q['rel_rms']:.4f}, top-1 agreement {q['top1_agreement']:.3f}")
+        for run in res["runs"]:
+            compiled = run["engines"].get("transformers static+compile", {})
+            if "compile_s" in compiled:
+                lines.append(f"{size} batch {run['batch']}: torch.compile one-time cost {compiled['compile_s']:.1f} s "
+                             "(not in the timings)")
+    return lines
+
+
+def headline(results: dict) -> str:
+    """Per engine: decode ms/step at batch 1 (x the bound) and at the largest batch, batch-1 prefill, per size."""
+    sizes = list(results["sizes"])
+    batches = sorted({run["batch"] for res in results["sizes"].values() for run in res["runs"]})
+    big = batches[-1]
+    header = ["engine"]
+    for size in sizes:
+        header += [f"{size} decode b1 ms (x bound)", f"{size} decode b{big} ms", f"{size} prefill b1 ms"]
+    names = list(dict.fromkeys(name for res in results["sizes"].values() for run in res["runs"]
+                               for name in run["engines"]))
+    rows = []
+    for name in names:
+        row = [name]
+        for size in sizes:
+            res = results["sizes"][size]
+            runs = {run["batch"]: run["engines"].get(name) for run in res["runs"]}
+            one, many = runs.get(1), runs.get(big)
+            row += [f"{one['decode_ms']:.1f} ({one['decode_ms'] / res['bound']['gemv_ms']:.2f})" if one else "",
+                    f"{many['decode_ms']:.1f}" if many else "", f"{one['prefill_ms']:.0f}" if one else ""]
+        rows.append(row)
+    bounds = ", ".join(f"{size} {res['bound']['gemv_ms']:.1f} ms" for size, res in results["sizes"].items())
+    m = results["machine"]
+    return (format_table(header, rows) + f"\n\n{m['cpu']}, {results['threads']} threads, torch {m['torch']}; "
+            f"prompt {results['prompt_len']} tokens, {results['new_tokens']} greedy tokens, median of "
+            f"{results['repeats']} interleaved repeats; seeded random weights of the DialoGPT shapes; "
+            f"weight-streaming bound (one fp32 GEMV over the weights a decode step reads): {bounds}.")
+
+
+def markdown(results: dict, lines: list[str]) -> str:
+    m = results["machine"]
+    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "transformers", "ctranslate2") if m.get(k))
+    return "\n".join([
+        "# Generation benchmark", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}; {versions}; "
+        f"Python {m['python']}; {results['threads']} threads for every engine.",
+        f"Other processes used {results['other_processes_cores']:.2f} cores on average during the run.", "",
+        "Command: `python benchmarks/bench_generation.py` (defaults). Plot: `generation.png`; every sample: "
+        "`generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({run["batch"] for res in results["sizes"].values() for run in res["runs"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        sizes = list(results["sizes"])
+        names = list(dict.fromkeys(name for res in results["sizes"].values() for run in res["runs"]
+                                   if run["batch"] == batch for name in run["engines"]))
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            values = []
+            for size in sizes:
+                run = next(r for r in results["sizes"][size]["runs"] if r["batch"] == batch)
+                values.append(run["engines"].get(name, {}).get("decode_ms", 0.0))
+            ax.bar([s + (i - (len(names) - 1) / 2) * width for s in range(len(sizes))], values, width, label=name)
+        if batch == 1:
+            for s, size in enumerate(sizes):
+                bound = results["sizes"][size]["bound"]["gemv_ms"]
+                ax.hlines(bound, s - 0.45, s + 0.45, colors="black", linestyles="dashed",
+                          label="weight-streaming bound" if s == 0 else None)
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_ylabel("decode ms / step (lower is better)")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Greedy decode, fp32 unless named - {results['machine']['cpu']}, {results['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # A fresh inductor cache, so the compile cost reported is the cold one-time cost.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    load = OtherLoad()
+    notes: list[str] = []
+    if importlib.util.find_spec("transformers") is None:
+        print("transformers is required: pip install 'dialogpt-engine[bench]'", file=sys.stderr)
+        return 2
+    n_engines = 2 if args.smoke else 4 + 2 * args.ctranslate2 + args.compile
+    total = len(args.sizes) * len(args.batch) * n_engines * (2 * args.repeats + 2)
+    results: dict = {"machine": machine(), "threads": args.threads, "prompt_len": args.prompt_len,
+                     "new_tokens": args.new_tokens, "repeats": args.repeats, "sizes": {}}
+    with tqdm(total=total, desc="bench", unit="run") as bar:
+        for size in args.sizes:
+            results["sizes"][size] = run_size(size, args, bar, notes)
+    results["other_processes_cores"] = load.cores()
+    results["notes"] = notes
+    lines = [*summary_lines(results), *notes,
+             f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median "
+             f"of {args.repeats} interleaved repeats; agreement: share of tokens matching {REFERENCE} (sdpa in "
+             "--smoke) before a row's first divergence; x bound: batch-1 decode step / weight-streaming bound; "
+             "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded)"]
+    (args.out / "generation.json").write_text(json.dumps(results, indent=1))
+    (args.out / "generation.md").write_text(markdown(results, lines))
+    (args.out / "README-table.md").write_text(headline(results) + "\n")
+    plot(results, args.out / "generation.png")
+    print(table(results))
+    print()
+    print("\n".join(lines))
+    print(f"other processes used {results['other_processes_cores']:.2f} cores on average during the run")
+    print(f"wrote generation.json, generation.md, README-table.md and generation.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

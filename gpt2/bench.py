@@ -1,0 +1,318 @@
+"""Generation benchmarks: timing, the weight-streaming bound, memory and agreement, shared by `gpt2 bench`
+and benchmarks/bench_generation.py.
+
+An engine is anything that turns equal-length prompts into exactly n greedy tokens per row (end of text
+suppressed, as `min_new_tokens=n` does). Every engine is timed the same way, from outside: prefill is a
+one-token generate, decode per step is (n-token generate - one-token generate) / (n - 1). Engines are
+interleaved within each repeat and medians reported, since other work on the machine skews single runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import GPT2Config
+from .model import GPT2
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+GenerateFn = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, n) -> n new tokens per row
+
+SIZES = {"tiny": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+         "small": GPT2Config.from_preset("dialogpt-small"), "medium": GPT2Config.from_preset("dialogpt-medium")}
+
+
+@dataclass
+class Engine:
+    name: str
+    generate: GenerateFn
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one engine over the repeats: one-token generates and n-token generates."""
+
+    batch: int
+    n_new: int
+    one: list[float] = field(default_factory=list)
+    full: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_ms(self) -> float:
+        return statistics.median(self.one) * 1e3
+
+    @property
+    def decode_ms(self) -> float:
+        """Per decode step: the n-token generate less the one-token one, over the n - 1 extra steps."""
+        return max(statistics.median(self.full) - statistics.median(self.one), 0.0) / (self.n_new - 1) * 1e3
+
+    @property
+    def best_decode_ms(self) -> float:
+        """The same from the fastest run of each: what an undisturbed machine gets."""
+        return max(min(self.full) - min(self.one), 0.0) / (self.n_new - 1) * 1e3
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * self.n_new / statistics.median(self.full)
+
+
+def random_prompts(batch: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """batch rows of length token ids, reproducible (end of text excluded)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size - 1, (batch, length), generator=g).tolist()
+
+
+def random_model(config: GPT2Config, seed: int = 0) -> GPT2:
+    """This engine's model with GPT-2's initialisation (normal(0, 0.02) weights), seeded, fp32, eval."""
+    torch.manual_seed(seed)
+    model = GPT2(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".ln_" in name or name.startswith("ln_f"):
+                param.copy_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def reference_pair(config: GPT2Config, seed: int = 0) -> tuple[torch.nn.Module, GPT2]:
+    """A seeded random transformers GPT2LMHeadModel and this engine's model holding the same weights (fp32, eval).
+
+    Biases and LayerNorm parameters get small random values too, so no tensor is a trivial 0 or 1.
+    """
+    import transformers
+
+    from .checkpoint import to_engine_state_dict
+
+    torch.manual_seed(seed)
+    hf_model = transformers.GPT2LMHeadModel._from_config(transformers.GPT2Config(**config.to_dict()),
+                                                        attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+            elif ".ln_" in name:
+                param.normal_(1.0, 0.1)
+    _, state_dict = to_engine_state_dict(hf_model.state_dict(), source="benchmark model", config=config)
+    model = GPT2(config)
+    model.load_state_dict(state_dict)
+    return hf_model.eval(), model.eval()
+
+
+def this_engine(model: GPT2, name: str = "this engine") -> Engine:
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        return model.generate(prompts, max_new_tokens=n, min_new_tokens=n)
+
+    return Engine(name, generate)
+
+
+def transformers_engine(hf_model: torch.nn.Module, attn: str, name: str | None = None, **generate_kwargs) -> Engine:
+    """Hugging Face `generate` on hf_model with attention implementation attn ("eager", "sdpa")."""
+
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        hf_model.set_attn_implementation(attn)
+        ids = torch.tensor(prompts)  # (B, T), equal lengths: no padding
+        with torch.inference_mode():
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=hf_model.config.eos_token_id, **generate_kwargs)
+        return out[:, ids.shape[1]:].tolist()
+
+    return Engine(name or f"transformers {attn}", generate)
+
+
+def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, repeats: int,
+            progress: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Interleaved timing: each repeat runs every engine for one token, then for n_new tokens."""
+    if n_new < 2:
+        raise ValueError("n_new must be at least 2 to separate decode from prefill")
+    engines = list(engines)
+    timings = {e.name: Timing(len(prompts), n_new) for e in engines}
+    for _ in range(repeats):
+        for engine in engines:
+            for n, samples in ((1, timings[engine.name].one), (n_new, timings[engine.name].full)):
+                start = time.perf_counter()
+                engine.generate(prompts, n)
+                samples.append(time.perf_counter() - start)
+                if progress is not None:
+                    progress()
+    return timings
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of reference tokens matched before each row's first divergence (1.0: identical)."""
+    matched = total = 0
+    for row, ref in zip(outputs, reference):
+        for a, b in zip(row, ref):
+            if a != b:
+                break
+            matched += 1
+        total += len(ref)
+    return matched / total
+
+
+@dataclass
+class StreamingBound:
+    """Time to read the weights one decode step reads (fp32), measured on this machine and thread count."""
+
+    n_bytes: int
+    gemv_ms: float  # fastest matrix-vector product over one weight-sized (rows, n_embd) fp32 matrix
+    gemv_kernel: str
+    read_ms: float  # a max-reduction over the same bytes: the plain read, no arithmetic
+
+
+def decode_weight_floats(config: GPT2Config) -> int:
+    """fp32 weights one decode step streams: the blocks' four matrices and the tied lm_head."""
+    C = config.n_embd
+    return config.n_layer * 12 * C * C + config.vocab_size * C
+
+
+def streaming_bound(config: GPT2Config, repeats: int = 5) -> StreamingBound:
+    """Best of several ways to stream decode_weight_floats(config) fp32 values once (median of repeats each)."""
+    C = config.n_embd
+    rows = decode_weight_floats(config) // C
+    x = torch.randn(C)
+    kernels: dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], object]]] = {
+        "torch.mv (MKL)": ((rows, C), lambda w: torch.mv(w, x)),
+        "x @ W, W (n_embd, rows) (MKL)": ((C, rows), lambda w: x @ w),
+    }
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        kernels["oneDNN linear"] = ((rows, C), lambda w: torch.ops.mkldnn._linear_pointwise(
+            x[None], w, None, "none", [], ""))
+    gemv: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, (shape, kernel) in kernels.items():
+            w = torch.randn(shape)
+            gemv[name] = _median_seconds(lambda: kernel(w), repeats)
+            del w
+        flat = torch.randn(rows * C)
+        read = _median_seconds(flat.amax, repeats)
+    best = min(gemv, key=gemv.get)
+    return StreamingBound(rows * C * 4, gemv[best] * 1e3, best, read * 1e3)
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: page faults, kernel selection
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except OSError:
+        return 0
+
+
+def peak_rss_growth_mb(fn: Callable[[], object], interval_s: float = 0.001) -> float:
+    """Peak resident memory during fn() above the level just before it, sampled every interval_s by a thread.
+
+    Freed heap is handed back first (gc, glibc malloc_trim) so that growth is memory fn really uses
+    (KV cache, activations, logits, workspaces), not memory an earlier call left cached.
+    """
+    gc.collect()
+    _malloc_trim()
+    base = peak = rss_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes())
+            done.wait(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak, rss_bytes()) - base) / 2**20
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def format_table(header: list[str], rows: list[list[object]]) -> str:
+    """A GitHub-markdown table, numbers as given (format them before)."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
+                n_new: int = 16, repeats: int = 3, threads: int = 2, with_transformers: bool = True,
+                progress: bool = True) -> str:
+    """`gpt2 bench`: this engine fp32 and int8 (+ transformers sdpa when importable) on seeded random weights.
+
+    Returns the report (a markdown table and the weight-streaming bound per size).
+    """
+    import copy
+    import importlib.util
+
+    from tqdm import tqdm
+
+    from .quantize import quantize_int8
+
+    torch.set_num_threads(threads)
+    with_transformers = with_transformers and importlib.util.find_spec("transformers") is not None
+    sizes, batches = list(sizes), list(batches)
+    n_engines = 3 if with_transformers else 2
+    bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
+               disable=not progress, leave=False)
+    header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "agreement"]
+    rows: list[list[object]] = []
+    notes = [f"torch {torch.__version__}, {threads} threads, fp32 unless named; prompt {prompt_len} tokens, "
+             f"{n_new} new greedy tokens, median of {repeats} interleaved repeats; seeded random weights"]
+    if not with_transformers:
+        notes.append("transformers not installed: this engine only (pip install 'dialogpt-engine[bench]')")
+    for size in sizes:
+        config = SIZES[size]
+        if with_transformers:
+            hf_model, model = reference_pair(config)
+        else:
+            hf_model, model = None, random_model(config)
+        engines = [this_engine(model), this_engine(quantize_int8(copy.deepcopy(model)), "this engine int8")]
+        if hf_model is not None:
+            engines.append(transformers_engine(hf_model, "sdpa"))
+        bound = streaming_bound(config)
+        notes.append(f"{size}: weight-streaming bound {bound.gemv_ms:.1f} ms ({bound.n_bytes / 1e6:.0f} MB fp32 via "
+                     f"{bound.gemv_kernel}; a plain read takes {bound.read_ms:.1f} ms)")
+        for batch in batches:
+            prompts = random_prompts(batch, prompt_len, config.vocab_size)
+            outputs = {}
+            for engine in engines:  # warm-up, and the tokens compared below
+                outputs[engine.name] = engine.generate(prompts, n_new)
+                bar.update()
+            reference = outputs[engines[-1].name]
+            timings = measure(engines, prompts, n_new, repeats, progress=bar.update)
+            for engine in engines:
+                t = timings[engine.name]
+                ratio = f"{t.decode_ms / bound.gemv_ms:.2f}" if batch == 1 else ""
+                rows.append([size, batch, engine.name, f"{t.prefill_ms:.1f}", f"{t.decode_ms:.2f}",
+                             f"{t.tokens_per_s:.1f}", ratio, f"{agreement(outputs[engine.name], reference):.2f}"])
+    bar.close()
+    reference_name = "transformers sdpa" if with_transformers else "this engine"
+    notes.append(f"agreement: share of generated tokens matching {reference_name} before the first divergence; "
+                 "x bound: batch-1 decode step / weight-streaming bound")
+    return format_table(header, rows) + "\n\n" + "\n".join(notes)

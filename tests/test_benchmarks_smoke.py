@@ -1,0 +1,64 @@
+"""The benchmark scripts in their smoke mode, so they cannot rot; speed itself is checked by the benchmarks, not here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from gpt2.bench import Timing, agreement, format_table
+from gpt2.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_generation_smoke(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--smoke", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "generation.json").read_text())
+    tiny = results["sizes"]["tiny"]
+    assert [r["batch"] for r in tiny["runs"]] == [1, 2]
+    for r in tiny["runs"]:
+        engines = r["engines"]
+        assert set(engines) == {"this engine", "transformers sdpa"}
+        assert engines["this engine"]["agreement"] == 1.0  # greedy ids identical to transformers'
+        assert engines["this engine"]["tokens_generated"] == [3] * r["batch"]
+        assert engines["this engine"]["decode_ms"] >= 0 and engines["this engine"]["prefill_ms"] > 0
+    assert tiny["bound"]["gemv_ms"] > 0 and tiny["int8_logit_error"]["rel_rms"] < 0.03
+    assert (tmp_path / "generation.png").stat().st_size > 1000
+    assert "| this engine " in (tmp_path / "README-table.md").read_text()
+    assert "Machine: " in (tmp_path / "generation.md").read_text()
+    assert "| this engine " in run.stdout and "weight-streaming bound" in run.stdout
+
+
+def test_gpt2_bench_command(capsys):
+    assert main(["bench", "--sizes", "tiny", "--batch", "1", "--new-tokens", "2", "--repeats", "1",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for engine in ("| this engine ", "| this engine int8 ", "| transformers sdpa "):
+        assert engine in out
+    assert "weight-streaming bound" in out
+
+
+def test_gpt2_bench_rejects_one_token(capsys):
+    assert main(["bench", "--sizes", "tiny", "--new-tokens", "1"]) == 2
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+
+
+def test_timing_separates_prefill_from_decode():
+    t = Timing(batch=2, n_new=5, one=[0.010, 0.012, 0.011], full=[0.050, 0.051, 0.052])
+    assert abs(t.prefill_ms - 11.0) < 1e-9
+    assert abs(t.decode_ms - (51.0 - 11.0) / 4) < 1e-9
+    assert abs(t.best_decode_ms - (50.0 - 10.0) / 4) < 1e-9
+    assert abs(t.tokens_per_s - 2 * 5 / 0.051) < 1e-9
+
+
+def test_agreement_counts_tokens_before_the_first_divergence():
+    assert agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == 1.0
+    assert agreement([[1, 9, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == 4 / 6  # 3 after the divergence not counted
+
+
+def test_format_table():
+    assert format_table(["a", "bb"], [[1, "x"]]).splitlines() == ["| a | bb |", "| - | -- |", "| 1 | x  |"]
