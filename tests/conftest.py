@@ -6,6 +6,7 @@ Run from the repository root: `python -m pytest` (tests/ is a package, so pytest
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,8 +35,27 @@ def _from_repo(module: object, name: str) -> None:
         )
 
 
+def _kernels_interpreted() -> None:
+    """Without a GPU every Triton kernel must have been decorated under TRITON_INTERPRET=1 (see above)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    modules = [module for name, module in sys.modules.items() if name.startswith("kernels.")]
+    functions = {f"{m.__name__}.{name}": f for m in modules for name, f in vars(m).items()
+                 if isinstance(f, (JITFunction, InterpretedFunction))}
+    compiled = sorted(name for name, f in functions.items() if not isinstance(f, InterpretedFunction))
+    if not functions or compiled:
+        raise pytest.UsageError(
+            f"no GPU, but the Triton kernels {compiled or 'in kernels'} were not decorated under the interpreter: "
+            "`kernels` was imported before this file set TRITON_INTERPRET=1, or the environment sets it to "
+            "something else; run the tests with TRITON_INTERPRET=1"
+        )
+
+
 _from_repo(gpt2, "gpt2")
 _from_repo(kernels, "kernels")
+if not torch.cuda.is_available():
+    _kernels_interpreted()
 
 TINY = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
 
@@ -62,3 +82,15 @@ def checkpoints(reference_model, tmp_path_factory) -> dict[str, Path]:
 def token_ids() -> torch.Tensor:
     """A fixed batch of inputs (2, 19) for comparing logits."""
     return torch.randint(0, TINY.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one thread is fastest, and immune to other processes busying the cores.
+
+    Module-scoped; a module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

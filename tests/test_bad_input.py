@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,66 +44,67 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+@pytest.fixture()
+def read_damaged(hf_tensors, tiny_config, tmp_path) -> Callable[[str], object]:
+    """read_damaged(name): hf_tensors, as the test left them, saved to tmp_path / name and read with tiny_config."""
+    return lambda name: read_checkpoint(_save(hf_tensors, tmp_path / name), config=tiny_config)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pkl"])
-def test_missing_key(hf_tensors, tiny_config, tmp_path, suffix):
+def test_missing_key(hf_tensors, read_damaged, suffix):
     del hf_tensors["transformer.h.1.mlp.c_fc.bias"]
-    path = _save(hf_tensors, tmp_path / f"weights{suffix}")
     with pytest.raises(MissingKeyError, match=r"weights\S*: missing 1 key\(s\): 'transformer.h.1.mlp.c_fc.bias'"):
-        read_checkpoint(path, config=tiny_config)
+        read_damaged(f"weights{suffix}")
 
 
-def test_missing_embedding(hf_tensors, tiny_config, tmp_path):
+def test_missing_embedding(hf_tensors, read_damaged):
     del hf_tensors["transformer.wte.weight"]
-    path = _save(hf_tensors, tmp_path / "weights.safetensors")
     with pytest.raises(MissingKeyError, match=r"weights.safetensors: missing key 'transformer.wte.weight'"):
-        read_checkpoint(path, config=tiny_config)
+        read_damaged("weights.safetensors")
 
 
-def test_missing_whole_layer_with_config(hf_tensors, tiny_config, tmp_path):
+def test_missing_whole_layer_with_config(hf_tensors, read_damaged):
     for key in [k for k in hf_tensors if k.startswith("transformer.h.1.")]:
         del hf_tensors[key]
     with pytest.raises(ConfigMismatchError, match=r"says n_layer=2, but \S*weights.bin holds 1 blocks"):
-        read_checkpoint(_save(hf_tensors, tmp_path / "weights.bin"), config=tiny_config)
+        read_damaged("weights.bin")
 
 
-def test_unexpected_key(hf_tensors, tiny_config, tmp_path):
+def test_unexpected_key(hf_tensors, read_damaged):
     hf_tensors["transformer.h.0.attn.rotary.weight"] = torch.zeros(3)
-    path = _save(hf_tensors, tmp_path / "weights.safetensors")
     with pytest.raises(UnexpectedKeyError, match=r"weights.safetensors: unexpected key\(s\).*'transformer.h.0.attn.rotary"):
-        read_checkpoint(path, config=tiny_config)
+        read_damaged("weights.safetensors")
 
 
-def test_same_weight_under_two_names(hf_tensors, tiny_config, tmp_path):
+def test_same_weight_under_two_names(hf_tensors, read_damaged):
     hf_tensors["wte.weight"] = hf_tensors["transformer.wte.weight"].clone()
     with pytest.raises(UnexpectedKeyError, match=r"'transformer.wte.weight' and 'wte.weight' are both"):
-        read_checkpoint(_save(hf_tensors, tmp_path / "weights.safetensors"), config=tiny_config)
+        read_damaged("weights.safetensors")
 
 
-def test_wrong_shape(hf_tensors, tiny_config, tmp_path):
+def test_wrong_shape(hf_tensors, read_damaged):
     hf_tensors["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 200)
-    path = _save(hf_tensors, tmp_path / "weights.pkl")
     with pytest.raises(TensorShapeError, match=r"weights.pkl: key 'transformer.h.1.mlp.c_fc.weight' has shape "
                                                r"\(64, 200\), expected \(64, 256\) \(Conv1D layout \[in, out\]\)"):
-        read_checkpoint(path, config=tiny_config)
+        read_damaged("weights.pkl")
 
 
-def test_layer_norm_wrong_shape(hf_tensors, tiny_config, tmp_path):
+def test_layer_norm_wrong_shape(hf_tensors, read_damaged):
     hf_tensors["transformer.ln_f.bias"] = torch.zeros(65)
     with pytest.raises(TensorShapeError, match=r"'transformer.ln_f.bias' has shape \(65,\), expected \(64,\)"):
-        read_checkpoint(_save(hf_tensors, tmp_path / "w.safetensors"), config=tiny_config)
+        read_damaged("w.safetensors")
 
 
-def test_non_float_tensor(hf_tensors, tiny_config, tmp_path):
+def test_non_float_tensor(hf_tensors, read_damaged):
     hf_tensors["transformer.h.0.ln_1.bias"] = torch.arange(64)
-    path = _save(hf_tensors, tmp_path / "weights.safetensors")
     with pytest.raises(TensorDtypeError, match=r"weights.safetensors: key 'transformer.h.0.ln_1.bias' holds torch.int64"):
-        read_checkpoint(path, config=tiny_config)
+        read_damaged("weights.safetensors")
 
 
-def test_untied_lm_head(hf_tensors, tiny_config, tmp_path):
+def test_untied_lm_head(hf_tensors, read_damaged):
     hf_tensors["lm_head.decoder.weight"] = hf_tensors["transformer.wte.weight"] + 1
     with pytest.raises(TiedWeightsError, match=r"weights.pkl: 'lm_head.decoder.weight' differs from 'transformer.wte"):
-        read_checkpoint(_save(hf_tensors, tmp_path / "weights.pkl"), config=tiny_config)
+        read_damaged("weights.pkl")
 
 
 @pytest.mark.parametrize("fmt", ["hf-safetensors", "safetensors-file"])

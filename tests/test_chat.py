@@ -14,19 +14,12 @@ from gpt2 import GPT2, Chat, ChatNotice, GPT2Config, MMIReranker
 from gpt2.chat import fit_history, format_history
 from gpt2.tokenizer import VOCAB_DIR, Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128)
 EOS = 50256
 MESSAGES = ["Hello there!", "Does money buy happiness?", "What is the best way to buy happiness ?",
             "This is so difficult !", "ok", "Tell me about your day, please, in some detail."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: one thread is fastest, and immune to other processes busying the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def seeded_model(seed: int) -> GPT2:

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import gpt2
 from gpt2 import Chat, ChatNotice
 from gpt2.cli import main
 from tests.checkpoints import make_reference_model, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = gpt2.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128)
@@ -30,15 +31,6 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     source = save_checkpoint(make_reference_model(TINY, seed=5), root / "hf", "hf-safetensors")
     return gpt2.convert(source, root / "engine", progress=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: one thread is fastest, and immune to other processes busying the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -7,68 +7,19 @@ benchmarks/bench_kernels.py.
 
 Tolerances: fp32 results are compared with the reference evaluated in float64 (rtol 1e-5 plus
 atol 1e-6: a few fp32 ulps of the output, and the output grows like |u|); fp16/bf16 results must
-satisfy max|ours - ref| <= 2 * max|torch_lowp - ref| + eps, where ref is the float64 reference on
-the upcast inputs and torch_lowp the torch reference run in the low-precision dtype itself.
+satisfy max|ours - ref| <= 2 * max|torch_lowp - ref| + eps, the rule of tests/kernel_tolerances.py.
 """
 
-import math
-import os
-from pathlib import Path
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import bias_gelu, bias_gelu_reference  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The Triton 3.9 interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest, so under
-# it bf16 outputs may carry up to one more bf16 ulp (2^-7 relative) of error than torch's.
-TRUNCATING_BF16 = DEVICE == "cpu"
-LOWP_EPS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _assert_this_repos_kernels() -> None:
-    """Another PyPI distribution is also importable as `kernels`; make sure it is not the one tested.
-
-    Without a GPU the kernels must also have been decorated under TRITON_INTERPRET=1, which only
-    works if it was set before anything (a conftest.py, say) first imported `kernels`.
-    """
-    found = Path(kernels.__file__).resolve().parent.parent
-    assert found == REPO_ROOT, f"imported kernels from {kernels.__file__}, not from {REPO_ROOT}"
-    if DEVICE == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
-
-        from kernels.bias_gelu import _bias_gelu_kernel
-
-        assert isinstance(_bias_gelu_kernel, InterpretedFunction), (
-            "no GPU, and `kernels` was imported before TRITON_INTERPRET=1 was set: set it in the "
-            "environment, or at the top of tests/conftest.py before it imports kernels or gpt2"
-        )
-
-
-_assert_this_repos_kernels()
+from kernels import bias_gelu, bias_gelu_reference
+from tests.kernel_tolerances import DEVICE, DTYPES, assert_matches
 
 
 def _assert_matches(ours: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, what: str) -> None:
     ref64 = bias_gelu_reference(x.double(), bias.double())
-    assert ours.dtype == x.dtype and ours.shape == x.shape
-    assert torch.isfinite(ours).all(), what
-    if ours.dtype == torch.float32:
-        torch.testing.assert_close(ours.double(), ref64, atol=1e-6, rtol=1e-5, msg=what)
-        return
-    err = (ours.double() - ref64).abs().max().item()
-    base = (bias_gelu_reference(x, bias).double() - ref64).abs().max().item()
-    slack = LOWP_EPS[ours.dtype]
-    if ours.dtype == torch.bfloat16 and TRUNCATING_BF16:
-        slack += 2.0 ** (math.floor(math.log2(max(ref64.abs().max().item(), 1e-30))) - 7)
-    assert err <= 2 * base + slack, f"{what}: max err {err:.3g} vs torch's {base:.3g} (+{slack:.3g})"
+    assert_matches(ours, ref64, bias_gelu_reference(x, bias), what, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

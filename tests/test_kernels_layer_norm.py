@@ -7,70 +7,18 @@ DialoGPT-sized shapes are in benchmarks/bench_kernels.py.
 
 Tolerances: fp32 results are compared with the reference evaluated in float64 (atol 1e-5: fp32
 rounding of values of order 1-10); fp16/bf16 results must satisfy
-max|ours - ref| <= 2 * max|torch_lowp - ref| + eps, where ref is the float64 reference on the
-upcast inputs and torch_lowp the torch reference run in the low-precision dtype itself.
+max|ours - ref| <= 2 * max|torch_lowp - ref| + eps, the rule of tests/kernel_tolerances.py.
 """
 
-import math
-import os
-from pathlib import Path
+from functools import partial
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tests.kernel_tolerances import DEVICE, DTYPES, TRUNCATING_BF16, assert_matches
 
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import (  # noqa: E402
-    add_layer_norm,
-    add_layer_norm_reference,
-    layer_norm,
-    layer_norm_reference,
-)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The Triton 3.9 interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest, so under
-# it bf16 outputs may carry up to one more bf16 ulp (2^-7 relative) of error than torch's.
-TRUNCATING_BF16 = DEVICE == "cpu"
-LOWP_EPS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def _assert_this_repos_kernels() -> None:
-    """Another PyPI distribution is also importable as `kernels`; make sure it is not the one tested.
-
-    Without a GPU the kernels must also have been decorated under TRITON_INTERPRET=1, which only
-    works if it was set before anything (a conftest.py, say) first imported `kernels`.
-    """
-    found = Path(kernels.__file__).resolve().parent.parent
-    assert found == REPO_ROOT, f"imported kernels from {kernels.__file__}, not from {REPO_ROOT}"
-    if DEVICE == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
-
-        from kernels.layer_norm import _layer_norm_kernel
-
-        assert isinstance(_layer_norm_kernel, InterpretedFunction), (
-            "no GPU, and `kernels` was imported before TRITON_INTERPRET=1 was set: set it in the "
-            "environment, or at the top of tests/conftest.py before it imports kernels or gpt2"
-        )
-
-
-_assert_this_repos_kernels()
-
-
-def _assert_matches(ours: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, what: str) -> None:
-    assert ours.dtype == torch_lowp.dtype and ours.shape == ref64.shape
-    if ours.dtype == torch.float32:
-        torch.testing.assert_close(ours.double(), ref64, atol=1e-5, rtol=0, msg=what)
-        return
-    err = (ours.double() - ref64).abs().max().item()
-    base = (torch_lowp.double() - ref64).abs().max().item()
-    slack = LOWP_EPS[ours.dtype]
-    if ours.dtype == torch.bfloat16 and TRUNCATING_BF16:
-        slack += 2.0 ** (math.floor(math.log2(max(ref64.abs().max().item(), 1e-30))) - 7)
-    assert err <= 2 * base + slack, f"{what}: max err {err:.3g} vs torch's {base:.3g} (+{slack:.3g})"
+_assert_matches = partial(assert_matches, atol=1e-5)
 
 
 def _params(C: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +27,6 @@ def _params(C: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Ten
     return w, b
 
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (shape, shift): shift moves the inputs far from zero, where one-pass variance formulas fail.
 CASES = [((1, 768), 0.0), ((3, 7, 100), -20.0), ((2, 33, 100), 5.0), ((4, 768), -20.0)]
 

@@ -11,16 +11,9 @@ from gpt2 import GPT2, GPT2Config, MMIReranker
 from gpt2.mmi import check_same_vocabulary
 from tests.checkpoints import engine_twin, make_reference_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: one thread is fastest, and immune to other processes busying the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
