@@ -7,7 +7,7 @@ of the generated ids with transformers eager, and the batch-1 decode step as a m
 weight-streaming bound measured in the same run. Writes a table to stdout and JSON + PNG to --out.
 Engines that are not installed, or fail to set up, are skipped with the reason in the output.
 
-    python benchmarks/bench_generation.py                 # full run (about 10 minutes on 2 cores)
+    python benchmarks/bench_generation.py                 # full run (about 12 minutes on 2 cores)
     python benchmarks/bench_generation.py --smoke --out /tmp/smoke   # seconds: what CI runs
 """
 
@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from gpt2.bench import (SIZES, Engine, agreement, format_table, measure, peak_rss_growth_mb,  # noqa: E402
-                        random_prompts, reference_pair, streaming_bound, this_engine, transformers_engine)
+from gpt2.bench import (SIZES, Engine, agreement, cpu_times, format_table, measure, other_cores,  # noqa: E402
+                        peak_rss_growth_mb, random_prompts, reference_pair, streaming_bound, this_engine,
+                        transformers_engine, wait_for_quiet)
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.quantize import quantize_int8  # noqa: E402
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per engine, interleaved; medians reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per engine, interleaved; medians reported")
     p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 intra-op threads")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip transformers + torch.compile")
     p.add_argument("--no-ctranslate2", dest="ctranslate2", action="store_false")
@@ -76,30 +77,6 @@ def _version(module: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return None
     return __import__(module).__version__
-
-
-class OtherLoad:
-    """CPU time used by other processes while the benchmark runs (they skew timings on a shared machine)."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return 0.0, 0.0, time.monotonic()
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / hz  # all but idle and iowait
-        own = sum(os.times()[:4])
-        return busy, own, time.monotonic()
-
-    def cores(self) -> float:
-        """Average cores busy with other processes since construction."""
-        busy, own, now = self._sample()
-        return max(busy - self.start[0] - (own - self.start[1]), 0.0) / max(now - self.start[2], 1e-9)
 
 
 # --- engines -----------------------------------------------------------------------------------------
@@ -187,6 +164,8 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
             except Exception as e:  # noqa: BLE001 - an optional engine that cannot run is reported, not fatal
                 notes.append(f"ctranslate2 skipped ({size}): {type(e).__name__}: {e}")
     bar.set_postfix_str(f"{size}: weight-streaming bound")
+    if not args.smoke:
+        wait_for_quiet()
     bound = streaming_bound(config)
     result["bound"] = vars(bound)
     result["runs"] = []
@@ -221,7 +200,8 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
         outputs[engine.name] = engine.generate(prompts, args.new_tokens)
         bar.update()
     bar.set_postfix_str(f"batch {batch}: timing")
-    timings = measure(engines, prompts, args.new_tokens, args.repeats, progress=bar.update)
+    timings = measure(engines, prompts, args.new_tokens, args.repeats, progress=bar.update,
+                      quiet_wait_s=0.0 if args.smoke else 20.0)
     memory = {}
     for engine in engines:
         bar.set_postfix_str(f"batch {batch}: memory {engine.name}")
@@ -356,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh inductor cache, so the compile cost reported is the cold one-time cost.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     args.out.mkdir(parents=True, exist_ok=True)
-    load = OtherLoad()
+    start = cpu_times()
     notes: list[str] = []
     if importlib.util.find_spec("transformers") is None:
         print("transformers is required: pip install 'dialogpt-engine[bench]'", file=sys.stderr)
@@ -368,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for size in args.sizes:
             results["sizes"][size] = run_size(size, args, bar, notes)
-    results["other_processes_cores"] = load.cores()
+    results["other_processes_cores"] = other_cores(start)
     results["notes"] = notes
     lines = [*summary_lines(results), *notes,
              f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median "
