@@ -65,6 +65,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default: fp32)")
     p.add_argument("--backend", choices=BACKENDS, help="fused-op backend (default: triton on cuda, torch elsewhere)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers (CPU, fp32 only)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -94,7 +95,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace, model: str) -> GPT2:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend)
+    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend, quantize=args.quantize)
 
 
 def _write(text: str) -> None:

@@ -16,11 +16,13 @@ import torch
 from .checkpoint import CheckpointError, is_engine_dir, read_checkpoint
 from .convert import DestinationExistsError, convert
 from .model import GPT2
+from .quantize import quantize_int8
 from .tokenizer import tokenizer_for
 
 HUB_FILES = ["config.json", "vocab.json", "merges.txt"]  # fetched with the weights
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANTIZATIONS = (None, "int8")
 
 
 class ModelNotFoundError(CheckpointError):
@@ -28,10 +30,15 @@ class ModelNotFoundError(CheckpointError):
 
 
 def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str | None = None) -> GPT2:
-    """The model (eval mode, on device, in dtype) with its tokenizer set as `model.tokenizer`."""
+         backend: str | None = None, quantize: str | None = None) -> GPT2:
+    """The model (eval mode, on device, in dtype) with its tokenizer set as `model.tokenizer`.
+
+    quantize="int8": int8 weight-only linear layers on the CPU (`gpt2.quantize`), for an fp32 model.
+    """
     if dtype not in _LOAD_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; choose torch.float16, torch.bfloat16 or torch.float32")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATIONS}")
     device = _check_device(device)
     path = Path(path_or_hub_id)
     if not path.exists():
@@ -45,6 +52,8 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
         model = GPT2(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
     model.set_backend(backend)  # a backend that cannot run on this device fails here, not mid-generation
+    if quantize == "int8":
+        quantize_int8(model)
     model.tokenizer = tokenizer_for(path)
     return model.eval()
 

@@ -67,3 +67,14 @@ def test_refuses_a_bf16_model(reference_model):
     model = engine_twin(reference_model).to(torch.bfloat16)
     with pytest.raises(ValueError, match="fp32 model on the CPU"):
         quantize_int8(model)
+
+
+def test_load_with_quantize_int8(checkpoints):
+    import gpt2
+
+    model = gpt2.load(checkpoints["hf-safetensors"], quantize="int8")
+    assert isinstance(model.h[0].mlp.c_fc, Int8Linear) and isinstance(model.lm_head, Int8Linear)
+    with pytest.raises(ValueError, match="quantize='int4' is not supported"):
+        gpt2.load(checkpoints["hf-safetensors"], quantize="int4")
+    with pytest.raises(ValueError, match="needs an fp32 model"):
+        gpt2.load(checkpoints["hf-safetensors"], dtype=torch.bfloat16, quantize="int8")
