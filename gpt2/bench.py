@@ -83,28 +83,34 @@ def random_model(config: GPT2Config, seed: int = 0) -> GPT2:
     return model.eval()
 
 
-def reference_pair(config: GPT2Config, seed: int = 0) -> tuple[torch.nn.Module, GPT2]:
-    """A seeded random transformers GPT2LMHeadModel and this engine's model holding the same weights (fp32, eval).
+def make_reference_model(config: GPT2Config, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A seeded random transformers GPT2LMHeadModel with config's sizes (fp32, eval).
 
     Biases and LayerNorm parameters get small random values too, so no tensor is a trivial 0 or 1.
     """
     import transformers
 
-    from .checkpoint import to_engine_state_dict
-
     torch.manual_seed(seed)
     hf_model = transformers.GPT2LMHeadModel._from_config(transformers.GPT2Config(**config.to_dict()),
-                                                        attn_implementation="sdpa", dtype=torch.float32)
+                                                        attn_implementation=attn_implementation, dtype=torch.float32)
     with torch.no_grad():
         for name, param in hf_model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, 0.02)
             elif ".ln_" in name:
                 param.normal_(1.0, 0.1)
+    return hf_model.eval()
+
+
+def reference_pair(config: GPT2Config, seed: int = 0) -> tuple[torch.nn.Module, GPT2]:
+    """`make_reference_model` and this engine's model holding the same weights (fp32, eval)."""
+    from .checkpoint import to_engine_state_dict
+
+    hf_model = make_reference_model(config, seed)
     _, state_dict = to_engine_state_dict(hf_model.state_dict(), source="benchmark model", config=config)
     model = GPT2(config)
     model.load_state_dict(state_dict)
-    return hf_model.eval(), model.eval()
+    return hf_model, model.eval()
 
 
 def this_engine(model: GPT2, name: str = "this engine") -> Engine:

@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from gpt2 import bench
 from gpt2.checkpoint import to_engine_state_dict
 from gpt2.config import GPT2Config
 from gpt2.model import GPT2
@@ -28,19 +29,10 @@ FP16_FORMATS = ("hf-bin-fp16", "pkl", "pkl-module", "pkl-transformer-only")
 
 
 def make_reference_model(config: GPT2Config | str, seed: int = 0) -> transformers.GPT2LMHeadModel:
-    """A randomly initialised (seeded) fp32 GPT2LMHeadModel in eval mode with config's sizes."""
+    """A randomly initialised (seeded) fp32 GPT2LMHeadModel in eval mode with config's sizes, eager attention."""
     if isinstance(config, str):
         config = GPT2Config.from_preset(config)
-    hf_config = transformers.GPT2Config(**config.to_dict())
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02)
-            elif ".ln_" in name:
-                param.normal_(1.0, 0.1)
-    return model.eval()
+    return bench.make_reference_model(config, seed, attn_implementation="eager")
 
 
 def engine_twin(reference: transformers.GPT2LMHeadModel, backend: str | None = None) -> GPT2:
