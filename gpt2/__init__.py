@@ -8,3 +8,4 @@ from .kv_cache import KVCache
 from .loading import load
 from .mmi import MMIReranker
 from .model import GPT2
+from .tokenizer import Tokenizer
