@@ -151,7 +151,11 @@ class GPT2(nn.Module):
                 normed = normed[torch.arange(B, device=normed.device), last]  # (B, C)
         if hidden_only:
             return normed  # (B, [T,] C)
-        return backend.linear(normed, self.wte if self.lm_head is None else self.lm_head)  # (B, [T,] vocab)
+        return self.project(normed)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) from final-LayerNorm states (..., n_embd): the lm_head, tied to wte unless quantized."""
+        return self.backend.linear(hidden, self.wte if self.lm_head is None else self.lm_head)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.device, self.dtype)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -76,7 +75,7 @@ def score(model: GPT2, contexts: Sequence[Sequence[int]], continuations: Sequenc
     token_logprobs = torch.empty(len(targets), dtype=torch.float32, device=device)  # (N,)
     for start in range(0, len(targets), PROJECT_CHUNK):
         end = start + PROJECT_CHUNK
-        logits = F.linear(states[start:end], model.wte.weight).float()  # (n, V)
+        logits = model.project(states[start:end]).float()  # (n, V)
         token_logprobs[start:end] = logits.log_softmax(dim=-1).gather(1, targets_t[start:end, None])[:, 0]
     sums = torch.zeros(len(scored), dtype=torch.float64, device=device)
     sums.index_add_(0, batch_rows_t, token_logprobs.double())  # (B,)
