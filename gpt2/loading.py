@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import CheckpointError, is_engine_dir, read_checkpoint
 from .convert import DestinationExistsError, convert
+from .huge_pages import huge_page_weights
 from .model import GPT2
 from .quantize import quantize_int8
 from .tokenizer import tokenizer_for
@@ -51,6 +52,7 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint below
         model = GPT2(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
+    huge_page_weights(model)  # CPU only: 3-6 % faster decode steps (measured in gpt2/huge_pages.py)
     model.set_backend(backend)  # a backend that cannot run on this device fails here, not mid-generation
     if quantize == "int8":
         quantize_int8(model)
