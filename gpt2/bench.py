@@ -81,6 +81,7 @@ def random_model(config: GPT2Config, seed: int = 0) -> GPT2:
                 param.copy_(1.0 if name.endswith("weight") else 0.0)
             else:
                 param.normal_(0.0, 0.02)
+    huge_page_weights(model)  # as gpt2.load places them
     return model.eval()
 
 
@@ -348,7 +349,7 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
             for engine in engines:  # warm-up, and the tokens compared below
                 outputs[engine.name] = engine.generate(prompts, n_new)
                 bar.update()
-            reference = outputs[engines[-1].name]
+            reference = outputs[engines[-1].name if hf_model is not None else engines[0].name]  # named in the notes
             timings = measure(engines, prompts, n_new, repeats, progress=bar.update)
             for engine in engines:
                 t = timings[engine.name]

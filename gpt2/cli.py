@@ -68,6 +68,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers (CPU, fp32 only)")
 
 
+SAMPLING_FLAGS = (("max_new_tokens", int, "most tokens per reply"), ("temperature", float, "sampling temperature"),
+                  ("top_k", int, "sample among the k most likely tokens (0: all)"),
+                  ("top_p", float, "sample within this probability mass (1: all)"),
+                  ("repetition_penalty", float, "divide seen tokens' logits by this (1: off)"),
+                  ("no_repeat_ngram_size", int, "never repeat an n-gram of this size (0: off)"),
+                  ("min_new_tokens", int, "no end of text before this many tokens"))
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sample", dest="do_sample", action="store_true", help="sample the next token"
@@ -75,22 +83,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the most likely token"
                       + ("" if defaults["do_sample"] else " (default)"))
     p.set_defaults(do_sample=defaults["do_sample"])
-    flags = (("max_new_tokens", int, "most tokens per reply"), ("temperature", float, "sampling temperature"),
-             ("top_k", int, "sample among the k most likely tokens (0: all)"),
-             ("top_p", float, "sample within this probability mass (1: all)"),
-             ("repetition_penalty", float, "divide seen tokens' logits by this (1: off)"),
-             ("no_repeat_ngram_size", int, "never repeat an n-gram of this size (0: off)"),
-             ("min_new_tokens", int, "no end of text before this many tokens"))
-    for name, kind, text in flags:
+    for name, kind, text in SAMPLING_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
                        help=f"{text} (default: {defaults[name]})")
     p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-             "no_repeat_ngram_size", "min_new_tokens")
-    return {name: getattr(args, name) for name in names}
+    return {name: getattr(args, name) for name in ("do_sample", *(flag[0] for flag in SAMPLING_FLAGS))}
 
 
 def _load(args: argparse.Namespace, model: str) -> GPT2:

@@ -22,6 +22,19 @@ if TYPE_CHECKING:
 TokenCallback = Callable[[int, int], None]  # (row, token) as each new token is chosen
 
 
+def check_token_ids(kind: str, index: int, ids: Sequence[int], vocab_size: int) -> list[int]:
+    """ids as a list, checked: a sequence (not text) of ints each inside [0, vocab_size); errors name kind + index."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"{kind} {index} must be a list of token ids (encode text with model.tokenizer.encode), "
+                         f"got {type(ids).__name__}")
+    ids = list(ids)
+    for j, token in enumerate(ids):
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise ValueError(f"{kind} {index}: token id {token!r} at index {j} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+    return ids
+
+
 def validate_prompts(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> list[list[int]]:
     """Prompts as lists of ints, checked: at least one row, no empty row, every id inside the vocabulary."""
     if isinstance(prompts, torch.Tensor):
@@ -31,18 +44,12 @@ def validate_prompts(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size
         prompts = prompts.tolist()
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists (encode text with model.tokenizer.encode first)")
-    rows = [list(row) if isinstance(row, Sequence) and not isinstance(row, str) else row for row in prompts]
+    rows = [check_token_ids("prompt", i, row, vocab_size) for i, row in enumerate(prompts)]
     if not rows:
         raise ValueError("prompts is empty: give at least one prompt")
     for i, row in enumerate(rows):
-        if not isinstance(row, list):
-            raise ValueError(f"prompt {i} must be a list of token ids, got {type(row).__name__}")
         if not row:
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
-        for j, token in enumerate(row):
-            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
-                raise ValueError(f"prompt {i}: token id {token!r} at index {j} is outside the vocabulary "
-                                 f"[0, {vocab_size})")
     return rows
 
 

@@ -13,21 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .generation import check_token_ids
+
 if TYPE_CHECKING:
     from .model import GPT2
 
 PROJECT_CHUNK = 512  # continuation positions projected onto the vocabulary at a time
-
-
-def _check_ids(kind: str, index: int, ids: Sequence[int], vocab_size: int) -> list[int]:
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise ValueError(f"{kind} {index} must be a list of token ids (encode text with model.tokenizer.encode), "
-                         f"got {type(ids).__name__}")
-    ids = list(ids)
-    for j, token in enumerate(ids):
-        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
-            raise ValueError(f"{kind} {index}: token id {token!r} at index {j} is outside the vocabulary [0, {vocab_size})")
-    return ids
 
 
 @torch.inference_mode()
@@ -43,7 +34,7 @@ def score(model: GPT2, contexts: Sequence[Sequence[int]], continuations: Sequenc
     vocab_size, n_positions = model.config.vocab_size, model.config.n_positions
     pairs = []
     for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
-        ctx, cont = _check_ids("context", i, ctx, vocab_size), _check_ids("continuation", i, cont, vocab_size)
+        ctx, cont = check_token_ids("context", i, ctx, vocab_size), check_token_ids("continuation", i, cont, vocab_size)
         if not ctx:
             raise ValueError(f"context {i} is empty: the first continuation token needs something to be predicted "
                              "from (use [eos] as the context to score from the start of a text)")

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import gpt2
+from gpt2.chat import format_history
 from gpt2.checkpoint import is_engine_dir
 from gpt2.model import GPT2
 
@@ -37,7 +38,7 @@ DEFAULT_ATOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1
 def chat_prompts(model: GPT2) -> list[list[int]]:
     """Each conversation in DialoGPT's format: every turn followed by <|endoftext|>."""
     tok = model.tokenizer
-    return [[t for turn in conv for t in tok.encode(turn) + [tok.eos_token_id]] for conv in CONVERSATIONS]
+    return [format_history([tok.encode(turn) for turn in conv], tok.eos_token_id) for conv in CONVERSATIONS]
 
 
 @torch.inference_mode()
