@@ -1,5 +1,6 @@
-"""End-to-end greedy generation: this engine against transformers (eager, sdpa, static cache + torch.compile)
-and CTranslate2 (fp32, int8), on the DialoGPT-small and -medium shapes with seeded random weights.
+"""End-to-end greedy generation: this engine (fp32, int8 weight-only, packed bf16) against transformers (eager,
+sdpa, static cache + torch.compile) and CTranslate2 (fp32, int8, each in a worker process), on the
+DialoGPT-small and -medium shapes with seeded random weights.
 
 Every engine gets the same prompts and generates exactly --new-tokens tokens per row (end of text
 suppressed). Reported per engine: prefill ms, decode ms per step, tokens/s, peak memory growth, agreement
@@ -30,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
 from gpt2.bench import (SIZES, Engine, agreement, cpu_times, format_table, measure, other_cores,  # noqa: E402
                         peak_rss_growth_mb, random_prompts, reference_pair, streaming_bound, this_engine,
                         transformers_engine, wait_for_quiet)
 from gpt2.config import GPT2Config  # noqa: E402
+from gpt2.packed_linear import bf16_packing_available, pack_bf16  # noqa: E402
 from gpt2.quantize import quantize_int8  # noqa: E402
 
 REFERENCE = "transformers eager"
@@ -103,57 +106,39 @@ def compiled_transformers_engine(hf_model: torch.nn.Module, batch: int, max_len:
     return Engine("transformers static+compile", generate)
 
 
-def ctranslate2_engines(hf_model: torch.nn.Module, workdir: Path, threads: int) -> list[Engine]:
-    """CTranslate2 Generators (fp32, int8) converted from hf_model's weights with its TransformersConverter."""
-    import ctranslate2
-    import transformers
-    from ctranslate2.converters import TransformersConverter
-
-    from gpt2.tokenizer import VOCAB_DIR
-
-    hf_dir, ct2_dir = workdir / "hf", workdir / "ct2"
-    hf_model.save_pretrained(hf_dir)
-    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(VOCAB_DIR)  # the converter wants the vocabulary
-    tokenizer.save_pretrained(hf_dir)
-    TransformersConverter(str(hf_dir)).convert(str(ct2_dir), force=True)
-    engines = []
-    for compute_type in ("float32", "int8"):
-        generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                          intra_threads=threads, inter_threads=1)
-
-        def generate(prompts: list[list[int]], n: int, generator=generator) -> list[list[int]]:
-            tokens = [tokenizer.convert_ids_to_tokens(p) for p in prompts]
-            results = generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1,
-                                               include_prompt_in_result=False)
-            return [r.sequences_ids[0] for r in results]
-
-        engines.append(Engine(f"ctranslate2 {compute_type.replace('float32', 'fp32')}", generate))
-    return engines
-
-
 # --- one model size ------------------------------------------------------------------------------------
 
-def quantization_error(model: torch.nn.Module, quantized: torch.nn.Module, prompts: list[list[int]]) -> dict:
-    """Logits of the int8 model against fp32 on the benchmark prompts (every position)."""
+def logit_error(model: torch.nn.Module, approx_model: torch.nn.Module, prompts: list[list[int]]) -> dict:
+    """Logits of a lower-precision model against the fp32 one on the benchmark prompts (every position)."""
     ids = torch.tensor(prompts)
     with torch.inference_mode():
-        exact, approx = model(ids), quantized(ids)  # (B, T, V)
+        exact, approx = model(ids), approx_model(ids).float()  # (B, T, V)
     diff = approx - exact
     return {"max_abs": diff.abs().max().item(), "rel_rms": (diff.norm() / exact.norm()).item(),
             "top1_agreement": (approx.argmax(-1) == exact.argmax(-1)).float().mean().item(),
             "logit_std": exact.std().item()}
 
 
+def low_precision_engines(model: torch.nn.Module, notes: list[str]) -> dict[str, torch.nn.Module]:
+    """This engine's int8 weight-only model, and its packed bf16 one where the CPU runs bf16 natively."""
+    models = {"this engine int8": quantize_int8(copy.deepcopy(model))}
+    if bf16_packing_available():
+        models["this engine bf16"] = pack_bf16(copy.deepcopy(model).to(torch.bfloat16))
+    elif "bf16 skipped" not in " ".join(notes):
+        notes.append("this engine bf16 skipped: oneDNN has no native bf16 on this CPU (avx512_bf16 or AMX)")
+    return models
+
+
 def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -> dict:
     config: GPT2Config = SIZES[size]
     hf_model, model = reference_pair(config)
-    quantized = quantize_int8(copy.deepcopy(model))
+    result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head}}
+    lowp = low_precision_engines(model, notes)
     prompts_for_error = random_prompts(max(args.batch), args.prompt_len, config.vocab_size, seed=1)
-    result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head},
-                    "int8_logit_error": quantization_error(model, quantized, prompts_for_error)}
+    result["logit_error"] = {name: logit_error(model, m, prompts_for_error) for name, m in lowp.items()}
     engines = [this_engine(model), transformers_engine(hf_model, "sdpa")]
     if not args.smoke:
-        engines[1:1] = [this_engine(quantized, "this engine int8"), transformers_engine(hf_model, "eager")]
+        engines[1:1] = [*(this_engine(m, name) for name, m in lowp.items()), transformers_engine(hf_model, "eager")]
     if args.ctranslate2:
         if importlib.util.find_spec("ctranslate2") is None:
             notes.append("ctranslate2 skipped: not installed (pip install ctranslate2)")
@@ -188,6 +173,9 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
                 notes.append(f"transformers static+compile skipped ({size}, batch {batch}): "
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost))
+    for engine in engines:
+        if engine.close is not None:
+            engine.close()
     return result
 
 
@@ -205,7 +193,10 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
     memory = {}
     for engine in engines:
         bar.set_postfix_str(f"batch {batch}: memory {engine.name}")
-        memory[engine.name] = peak_rss_growth_mb(lambda: engine.generate(prompts, args.new_tokens))
+        if engine.memory_mb is not None:  # it runs in a process of its own
+            memory[engine.name] = engine.memory_mb(prompts, args.new_tokens)
+        else:
+            memory[engine.name] = peak_rss_growth_mb(lambda: engine.generate(prompts, args.new_tokens))
         bar.update()
     reference = outputs.get(REFERENCE, outputs["transformers sdpa"])  # sdpa: the smoke run has no eager
     engines_out = {}
@@ -243,11 +234,13 @@ def table(results: dict) -> str:
 def summary_lines(results: dict) -> list[str]:
     lines = []
     for size, res in results["sizes"].items():
-        b, q = res["bound"], res["int8_logit_error"]
+        b = res["bound"]
         lines.append(f"{size}: weight-streaming bound {b['gemv_ms']:.1f} ms = {b['n_bytes'] / 1e6:.0f} MB of fp32 "
                      f"weights through {b['gemv_kernel']} (a plain max-reduction over them: {b['read_ms']:.1f} ms)")
-        lines.append(f"{size}: int8 logits vs fp32: max |diff| {q['max_abs']:.4f} (logit std {q['logit_std']:.3f}), "
-                     f"relative RMS {q['rel_rms']:.4f}, top-1 agreement {q['top1_agreement']:.3f}")
+        for name, q in res.get("logit_error", {}).items():
+            lines.append(f"{size}: {name} logits vs fp32: max |diff| {q['max_abs']:.4f} (logit std "
+                         f"{q['logit_std']:.3f}), relative RMS {q['rel_rms']:.4f}, top-1 agreement "
+                         f"{q['top1_agreement']:.3f}")
         for run in res["runs"]:
             compiled = run["engines"].get("transformers static+compile", {})
             if "compile_s" in compiled:
@@ -341,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("transformers") is None:
         print("transformers is required: pip install 'dialogpt-engine[bench]'", file=sys.stderr)
         return 2
-    n_engines = 2 if args.smoke else 4 + 2 * args.ctranslate2 + args.compile
+    n_engines = 2 if args.smoke else 4 + bf16_packing_available() + 2 * args.ctranslate2 + args.compile
     total = len(args.sizes) * len(args.batch) * n_engines * (2 * args.repeats + 2)
     results: dict = {"machine": machine(), "threads": args.threads, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "sizes": {}}

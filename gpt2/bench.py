@@ -35,6 +35,9 @@ SIZES = {"tiny": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128),
 class Engine:
     name: str
     generate: GenerateFn
+    # For an engine running in another process: the peak RSS growth of one generate there (MB), and shutdown.
+    memory_mb: Callable[[list[list[int]], int], float] | None = None
+    close: Callable[[], None] | None = None
 
 
 @dataclass
@@ -308,7 +311,8 @@ def format_table(header: list[str], rows: list[list[object]]) -> str:
 def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
                 n_new: int = 16, repeats: int = 3, threads: int = 2, with_transformers: bool = True,
                 progress: bool = True) -> str:
-    """`gpt2 bench`: this engine fp32 and int8 (+ transformers sdpa when importable) on seeded random weights.
+    """`gpt2 bench`: this engine fp32, int8 and packed bf16 (where the CPU has native bf16), and transformers sdpa
+    when importable, on seeded random weights.
 
     Returns the report (a markdown table and the weight-streaming bound per size).
     """
@@ -317,12 +321,13 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
 
     from tqdm import tqdm
 
+    from .packed_linear import bf16_packing_available, pack_bf16
     from .quantize import quantize_int8
 
     torch.set_num_threads(threads)
     with_transformers = with_transformers and importlib.util.find_spec("transformers") is not None
     sizes, batches = list(sizes), list(batches)
-    n_engines = 3 if with_transformers else 2
+    n_engines = 2 + bf16_packing_available() + with_transformers
     bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
                disable=not progress, leave=False)
     header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "agreement"]
@@ -338,6 +343,8 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
         else:
             hf_model, model = None, random_model(config)
         engines = [this_engine(model), this_engine(quantize_int8(copy.deepcopy(model)), "this engine int8")]
+        if bf16_packing_available():
+            engines.append(this_engine(pack_bf16(copy.deepcopy(model).to(torch.bfloat16)), "this engine bf16"))
         if hf_model is not None:
             engines.append(transformers_engine(hf_model, "sdpa"))
         bound = streaming_bound(config)

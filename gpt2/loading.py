@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError, is_engine_dir, read_checkpoint
 from .convert import DestinationExistsError, convert
 from .huge_pages import huge_page_weights
 from .model import GPT2
+from .packed_linear import bf16_packing_available, pack_bf16
 from .quantize import quantize_int8
 from .tokenizer import tokenizer_for
 
@@ -35,6 +36,8 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     """The model (eval mode, on device, in dtype) with its tokenizer set as `model.tokenizer`.
 
     quantize="int8": int8 weight-only linear layers on the CPU (`gpt2.quantize`), for an fp32 model.
+    dtype=torch.bfloat16 on a CPU with native bf16 (avx512_bf16, AMX) packs the linear weights for oneDNN
+    (`gpt2.packed_linear`): about 2x faster than fp32 per decode step and per prefill.
     """
     if dtype not in _LOAD_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; choose torch.float16, torch.bfloat16 or torch.float32")
@@ -56,6 +59,9 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     model.set_backend(backend)  # a backend that cannot run on this device fails here, not mid-generation
     if quantize == "int8":
         quantize_int8(model)
+    elif dtype == torch.bfloat16 and device.type == "cpu" and model.backend.name == "torch" \
+            and bf16_packing_available():
+        pack_bf16(model)
     model.tokenizer = tokenizer_for(path)
     return model.eval()
 

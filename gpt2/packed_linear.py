@@ -1,0 +1,86 @@
+"""bf16 linear layers on the CPU with their weights reordered once into oneDNN's blocked layout.
+
+oneDNN's bf16 matmul (avx512_bf16 dot products, fp32 accumulation) reads a weight fastest in the blocked
+layout it picks for a given batch size; given a plain (out, in) weight it is no faster than fp32. Measured
+on an AMD EPYC (Zen 4, avx512_bf16), 2 threads, all DialoGPT-small block linears:
+
+    rows               1         8         256 (prefill)
+    fp32, plain        11.5 ms   22.4 ms   214 ms
+    bf16, plain        11.1 ms   13.2 ms   122 ms
+    bf16, packed (8)    7.1 ms    8.0 ms   107 ms
+    bf16, packed (1)   11.0 ms    9.5 ms   113 ms
+
+so the layout chosen for 8 rows serves every batch size, and the tied lm_head gets a packed copy too
+(at 1 row 2.1 ms against 4.1 ms plain). `pack_bf16` is applied by `gpt2.load(..., dtype=torch.bfloat16)`
+on CPUs where oneDNN runs bf16 natively.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .model import GPT2
+
+PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the table above)
+
+
+def bf16_packing_available() -> bool:
+    """oneDNN present in this torch build, with native bf16 on this CPU (avx512_bf16 or AMX)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b for bf16 x (..., in), with W held in oneDNN's opaque blocked layout (CPU only)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # A plain attribute, not a buffer: an opaque oneDNN tensor has no storage to save, copy or move.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), PACKED_FOR_ROWS)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu_new(x W^T + b), the tanh GELU applied by oneDNN as the matmul writes its output."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as an ordinary bf16 (out, in) tensor."""
+        return self.weight.to_dense()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        raise ValueError("a model with packed bf16 weights (gpt2.packed_linear) stays on the CPU in bf16; "
+                         "load it again with gpt2.load(..., device=..., dtype=...) for another device or dtype")
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        return PackedLinear(self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed for oneDNN"
+
+
+@torch.no_grad()
+def pack_bf16(model: GPT2) -> GPT2:
+    """Replace, in place, every block's four linear layers and the lm_head by PackedLinear; returns model.
+
+    The model must be bf16 on the CPU on the torch backend. The block weights are released (packing moves
+    them, it does not copy); the lm_head gets its own packed copy of wte, which stays for the lookup.
+    """
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        raise ValueError(f"pack_bf16 needs a bf16 model on the CPU, got {model.dtype} on {model.device}")
+    if model.backend.name != "torch":
+        raise ValueError(f"pack_bf16 runs on the 'torch' backend, the model uses {model.backend.name!r}")
+    if not bf16_packing_available():
+        raise ValueError("pack_bf16 needs oneDNN with native bf16 on this CPU (avx512_bf16 or AMX); "
+                         "this CPU or torch build has neither")
+    for block in model.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                             (block.mlp, "c_proj")):
+            linear = getattr(parent, name)
+            setattr(parent, name, PackedLinear(linear.weight, linear.bias))
+    model.lm_head = PackedLinear(model.wte.weight, None)
+    return model
