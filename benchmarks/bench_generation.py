@@ -1,4 +1,4 @@
-"""End-to-end greedy generation: this engine (fp32, int8 weight-only, packed bf16) against transformers (eager,
+"""End-to-end greedy generation: this engine (fp32, int8, packed bf16) against transformers (eager,
 sdpa, static cache + torch.compile) and CTranslate2 (fp32, int8, each in a worker process), on the
 DialoGPT-small and -medium shapes with seeded random weights.
 
@@ -120,7 +120,7 @@ def logit_error(model: torch.nn.Module, approx_model: torch.nn.Module, prompts: 
 
 
 def low_precision_engines(model: torch.nn.Module, notes: list[str]) -> dict[str, torch.nn.Module]:
-    """This engine's int8 weight-only model, and its packed bf16 one where the CPU runs bf16 natively."""
+    """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively."""
     models = {"this engine int8": quantize_int8(copy.deepcopy(model))}
     if bf16_packing_available():
         models["this engine bf16"] = pack_bf16(copy.deepcopy(model).to(torch.bfloat16))

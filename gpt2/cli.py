@@ -65,7 +65,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default: fp32)")
     p.add_argument("--backend", choices=BACKENDS, help="fused-op backend (default: triton on cuda, torch elsewhere)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers (CPU, fp32 only)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 linear layers, activations quantized on the fly (CPU, fp32 only)")
 
 
 SAMPLING_FLAGS = (("max_new_tokens", int, "most tokens per reply"), ("temperature", float, "sampling temperature"),

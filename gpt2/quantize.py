@@ -1,44 +1,77 @@
-"""Int8 weight-only quantization for the CPU: per-output-channel scales, bf16 activations into the matmul.
+"""Int8 linear layers for the CPU: per-output-channel int8 weights, activations quantized to int8 on the fly.
 
 `quantize_int8(model)` replaces, in place, every block's four linear layers and the lm_head with
 `Int8Linear`; the token embedding (a lookup) and everything else stay fp32, as do the KV cache, attention
-and LayerNorm. The matmul is torch's `_weight_int8pack_mm` (the kernel behind torchao's int8 weight-only
-CPU path). Chosen by measurement on an AMD EPYC (Zen 4, avx512_bf16, no AMX), 2 threads, all
-DialoGPT-small linears at one row: 8.6 ms, against 19.3 ms fp32 (oneDNN), 51 ms for the same kernel fed
-fp32 activations, 18.6 ms for bf16 weights, and 5.6 ms for torch's dynamic quantization (fbgemm), whose
-int8 activations gave about 1.5x this path's logit error. The error against fp32 is printed by
+and LayerNorm. Each matmul is torch's dynamic-quantization kernel (`quantized::linear_dynamic`, fbgemm):
+it quantizes the input per tensor (uint8 with a zero point, from its min and max), multiplies int8 by int8
+into int32 and returns fp32 with the bias added. Chosen by measurement on an AMD EPYC (Zen 4, avx512_vnni),
+2 threads, DialoGPT-small:
+
+    decode step, 1 row / 8 rows   fp32 20.5 / 39.8 ms   int8 weight-only (bf16 activations) 12.5 / 35.0 ms
+                                  this path 7.5 / 13.6 ms
+    logits vs fp32, relative RMS  int8 weight-only 2.2 %  this path 3.2 %  (7-bit activations: 5.2 %)
+
+so it gives up one percent of logit error for 1.7-2.6x the weight-only speed. Activations use all 8 bits
+where the CPU has VNNI (32-bit accumulation); without it fbgemm's 16-bit pairwise sums could saturate,
+so there they get 7 bits (`reduce_range`). The error against fp32 is printed by
 `benchmarks/bench_generation.py` and bounded in tests/test_quantize.py.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn as nn
 
 from .model import GPT2
 
-_COMPUTE_DTYPE = torch.bfloat16  # the kernel's fast path takes bf16 activations (fp32 ones are ~6x slower)
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """AVX-512 VNNI or AVX-VNNI, read from /proc/cpuinfo (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def int8_available() -> bool:
+    """torch's quantized CPU kernels are built in (fbgemm on x86, qnnpack on ARM)."""
+    return (hasattr(torch.ops.quantized, "linear_dynamic")
+            and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "qnnpack")))
 
 
 class Int8Linear(nn.Module):
-    """y = (x W_q^T) * scale + b with W_q int8 (out, in) and one scale per output row."""
+    """y = dequant(quant(x) W_q^T) + b with W_q int8 (out, in), one scale per output row, x quantized per call."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         weight = weight.detach().float()
-        # Rounded to bf16 first, so the integers are quantized against the scale the kernel actually applies.
-        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(_COMPUTE_DTYPE)  # (out,)
-        quantized = torch.round(weight / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
-        self.register_buffer("weight", quantized)
-        self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features, self.in_features = weight.shape
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12).double() / 127  # (out,)
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # torch marks its quantized tensor type deprecated; the kernels are current
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        # fbgemm's packed (opaque) weight and fp32 bias; copied and moved with the module as a Python object
+        self.packed = torch.ops.quantized.linear_prepack(
+            quantized, None if bias is None else bias.detach().float().contiguous())
+        self.reduce_range = not cpu_has_vnni()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # (N, in)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)  # (N, out) bf16
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as int8 values (out, in) and their fp32 scales (out,)."""
+        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return weight.int_repr(), weight.q_per_channel_scales().float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 @torch.no_grad()
@@ -50,9 +83,10 @@ def quantize_int8(model: GPT2) -> GPT2:
     """
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ValueError(f"quantize_int8 needs an fp32 model on the CPU, got {model.dtype} on {model.device}")
-    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        raise ValueError(f"quantize_int8 needs torch.ops.aten._weight_int8pack_mm (torch >= 2.3), torch is "
-                         f"{torch.__version__}")
+    if not int8_available():
+        raise ValueError(f"quantize_int8 needs torch's quantized CPU kernels (quantized::linear_dynamic with "
+                         f"fbgemm or qnnpack), which torch {torch.__version__} lacks; load with "
+                         "dtype=torch.bfloat16 for a lower-precision path instead")
     if model.backend.name != "torch":
         raise ValueError(f"quantize_int8 runs on the 'torch' backend, the model uses {model.backend.name!r}")
     for block in model.h:

@@ -1,11 +1,13 @@
-"""Int8 weight-only quantization (gpt2.quantize): layers replaced, logits close to fp32 within a derived bound.
+"""Int8 quantization (gpt2.quantize): layers replaced, each layer within its rounding bound, logits close to fp32.
 
-The bound. Per-output-channel symmetric int8 rounds each weight to a step s = max|w_row| / 127, an error
+The model bound. Per-output-channel symmetric int8 rounds each weight to a step s = max|w_row| / 127, an error
 uniform in +-s/2, so RMS s/sqrt(12). For a Gaussian row of K = 64..3072 weights max|w| is about 3-4 sigma,
-giving a relative weight error of at most 4 / (127 * sqrt(12)) ~= 0.9%, which a matmul passes on as about
-0.9% relative RMS error of its output; the bf16 rounding of its input and output adds ~0.1% each. Errors
-of successive quantized matmuls add at most in quadrature along the residual stream: the tiny model's
-logits go through 4 * 2 + 1 = 9 of them, so sqrt(9) * 1% = 3% relative RMS error. Measured: about 0.8%.
+giving a relative weight error of at most 4 / (127 * sqrt(12)) ~= 0.9%. The input is quantized per call to
+uint8 over [min, max], a range of about 8 sigma for LayerNorm outputs: a step of 8/255 sigma, relative RMS
+error 8 / (255 * sqrt(12)) ~= 0.9% (twice that with 7-bit activations, on CPUs without VNNI). Together about
+1.3% per matmul (2% with 7 bits). Errors of successive quantized matmuls add at most in quadrature along the
+residual stream: the tiny model's logits go through 4 * 2 + 1 = 9 of them, so sqrt(9) * 2% = 6% relative
+RMS error at most. Measured: 1.1% here, 3.2% on DialoGPT-small's 49.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from gpt2.quantize import Int8Linear, quantize_int8
 from tests.checkpoints import engine_twin
 
-REL_RMS_BOUND = 0.03
+REL_RMS_BOUND = 0.06
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_every_linear_and_the_lm_head_are_int8(models):
     _, quantized = models
     for block in quantized.h:
         for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8
+            assert isinstance(layer, Int8Linear) and layer.int8_weight()[0].dtype == torch.int8
     assert isinstance(quantized.lm_head, Int8Linear)
     assert quantized.wte.weight.dtype == torch.float32  # the lookup stays exact
 
@@ -45,16 +47,26 @@ def test_logit_error_is_bounded(models, token_ids):
     assert (approx.argmax(-1) == exact.argmax(-1)).float().mean().item() > 0.9
 
 
-def test_quantized_layer_matches_its_dequantized_weights():
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64)])
+def test_quantized_layer_is_within_its_rounding_bounds(shape):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     q = Int8Linear(linear.weight, linear.bias)
-    dequantized = q.weight.float() * q.scales.float()[:, None]  # (out, in)
-    assert (dequantized - linear.weight).abs().max() <= q.scales.float().max() / 2 + 1e-6  # half a step
-    x = torch.randn(3, 5, 64)
+    weight, scales = q.int8_weight()
+    dequantized = weight.float() * scales[:, None]  # (out, in)
+    assert (dequantized - linear.weight).abs().max() <= scales.max() / 2 + 1e-6  # half a weight step
+    x = torch.randn(shape)
     with torch.inference_mode():
-        ref = torch.nn.functional.linear(x.bfloat16().float(), dequantized, linear.bias)
-        assert torch.allclose(q(x), ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding only
+        exact = torch.nn.functional.linear(x, dequantized, linear.bias)
+        y = q(x)
+    # x is quantized to 255 (7-bit: 127) steps over [min(x, 0), max(x, 0)]: each input off by at most half a
+    # step, so output o is off by at most step / 2 * sum_k |W[o, k]| (plus fp32 summation-order noise).
+    levels = 127 if q.reduce_range else 255
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
+    bound = step / 2 * dequantized.abs().sum(dim=1) + 1e-4  # (out,)
+    assert y.shape == (*shape[:-1], 48)
+    assert ((y - exact).abs() <= bound).all()
+    assert (y - exact).abs().max() > 0  # it does quantize the input
 
 
 def test_quantized_model_generates(models):
