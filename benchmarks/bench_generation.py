@@ -108,18 +108,15 @@ def compiled_transformers_engine(hf_model: torch.nn.Module, batch: int, max_len:
 
 # --- one model size ------------------------------------------------------------------------------------
 
-def logit_error(model: torch.nn.Module, approx_model: torch.nn.Module, prompts: list[list[int]]) -> dict:
-    """Logits of a lower-precision model against the fp32 one on the benchmark prompts (every position)."""
-    ids = torch.tensor(prompts)
-    with torch.inference_mode():
-        exact, approx = model(ids), approx_model(ids).float()  # (B, T, V)
+def logit_error(exact: torch.Tensor, approx: torch.Tensor) -> dict:
+    """A lower-precision engine's logits against the fp32 ones, both (B, T, V) over the same prompts."""
     diff = approx - exact
     return {"max_abs": diff.abs().max().item(), "rel_rms": (diff.norm() / exact.norm()).item(),
             "top1_agreement": (approx.argmax(-1) == exact.argmax(-1)).float().mean().item(),
             "logit_std": exact.std().item()}
 
 
-def low_precision_engines(model: torch.nn.Module, notes: list[str]) -> dict[str, torch.nn.Module]:
+def low_precision_models(model: torch.nn.Module, notes: list[str]) -> dict[str, torch.nn.Module]:
     """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively."""
     models = {"this engine int8": quantize_int8(copy.deepcopy(model))}
     if bf16_packing_available():
@@ -133,12 +130,10 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
     config: GPT2Config = SIZES[size]
     hf_model, model = reference_pair(config)
     result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head}}
-    lowp = low_precision_engines(model, notes)
-    prompts_for_error = random_prompts(max(args.batch), args.prompt_len, config.vocab_size, seed=1)
-    result["logit_error"] = {name: logit_error(model, m, prompts_for_error) for name, m in lowp.items()}
+    low_precision = [this_engine(m, name) for name, m in low_precision_models(model, notes).items()]
     engines = [this_engine(model), transformers_engine(hf_model, "sdpa")]
     if not args.smoke:
-        engines[1:1] = [*(this_engine(m, name) for name, m in lowp.items()), transformers_engine(hf_model, "eager")]
+        engines[1:1] = [*low_precision, transformers_engine(hf_model, "eager")]
     if args.ctranslate2:
         if importlib.util.find_spec("ctranslate2") is None:
             notes.append("ctranslate2 skipped: not installed (pip install ctranslate2)")
@@ -148,6 +143,10 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
                 engines += ctranslate2_engines(hf_model, workdir, args.threads)
             except Exception as e:  # noqa: BLE001 - an optional engine that cannot run is reported, not fatal
                 notes.append(f"ctranslate2 skipped ({size}): {type(e).__name__}: {e}")
+    prompts_for_error = random_prompts(max(args.batch), args.prompt_len, config.vocab_size, seed=1)
+    exact = engines[0].logits(prompts_for_error)
+    with_logits = {e.name: e for e in [*low_precision, *engines[1:]] if e.logits is not None}  # all but fp32's
+    result["logit_error"] = {name: logit_error(exact, e.logits(prompts_for_error)) for name, e in with_logits.items()}
     bar.set_postfix_str(f"{size}: weight-streaming bound")
     if not args.smoke:
         wait_for_quiet()
@@ -238,7 +237,7 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"{size}: weight-streaming bound {b['gemv_ms']:.1f} ms = {b['n_bytes'] / 1e6:.0f} MB of fp32 "
                      f"weights through {b['gemv_kernel']} (a plain max-reduction over them: {b['read_ms']:.1f} ms)")
         for name, q in res.get("logit_error", {}).items():
-            lines.append(f"{size}: {name} logits vs fp32: max |diff| {q['max_abs']:.4f} (logit std "
+            lines.append(f"{size}: {name} logits vs this engine fp32: max |diff| {q['max_abs']:.4f} (logit std "
                          f"{q['logit_std']:.3f}), relative RMS {q['rel_rms']:.4f}, top-1 agreement "
                          f"{q['top1_agreement']:.3f}")
         for run in res["runs"]:

@@ -60,13 +60,16 @@ def _worker_engine(name: str, model_dir: Path, compute_type: str, threads: int, 
         parent.close()
 
     return Engine(name, lambda prompts, n: call("generate", prompts, n),
+                  logits=lambda prompts: torch.from_numpy(call("logits", prompts)),
                   memory_mb=lambda prompts, n: call("memory", prompts, n), close=close)
 
 
 def serve(conn: Connection, model_dir: str, compute_type: str, threads: int, vocabulary: list[str]) -> None:
-    """The worker: answers ("ready"), ("generate", prompts, n), ("memory", prompts, n) until ("stop")."""
+    """The worker: answers ("ready"), ("generate", prompts, n), ("logits", prompts), ("memory", prompts, n)
+    until ("stop")."""
     try:
         import ctranslate2
+        import numpy as np
 
         from gpt2.bench import peak_rss_growth_mb
 
@@ -92,6 +95,8 @@ def serve(conn: Connection, model_dir: str, compute_type: str, threads: int, voc
                 value: object = True
             elif kind == "generate":
                 value = generate(*args)
+            elif kind == "logits":  # (B, T, V) fp32 at every position of equal-length prompts
+                value = np.asarray(generator.forward_batch(args[0]), dtype=np.float32)
             else:  # "memory"
                 value = peak_rss_growth_mb(lambda: generate(*args))
             conn.send(("ok", value))

@@ -35,6 +35,8 @@ SIZES = {"tiny": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128),
 class Engine:
     name: str
     generate: GenerateFn
+    # Its fp32 logits (B, T, V) at every position of equal-length prompts, to measure its error against fp32.
+    logits: Callable[[list[list[int]]], torch.Tensor] | None = None
     # For an engine running in another process: the peak RSS growth of one generate there (MB), and shutdown.
     memory_mb: Callable[[list[list[int]], int], float] | None = None
     close: Callable[[], None] | None = None
@@ -123,7 +125,11 @@ def this_engine(model: GPT2, name: str = "this engine") -> Engine:
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
         return model.generate(prompts, max_new_tokens=n, min_new_tokens=n)
 
-    return Engine(name, generate)
+    def logits(prompts: list[list[int]]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(torch.tensor(prompts)).float()  # (B, T, V)
+
+    return Engine(name, generate, logits)
 
 
 def transformers_engine(hf_model: torch.nn.Module, attn: str, name: str | None = None, **generate_kwargs) -> Engine:
