@@ -63,9 +63,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="an engine directory (gpt2 convert), a Hugging Face directory, a weights file, or a hub id")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default: fp32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="compute dtype (default: fp32; bf16 on a CPU with native bf16 packs the weights for oneDNN)")
     p.add_argument("--backend", choices=BACKENDS, help="fused-op backend (default: triton on cuda, torch elsewhere)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 linear layers, activations quantized on the fly (CPU, fp32 only)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 linear layers, activations quantized on the fly (CPU, fp32 only)")
 
 
 SAMPLING_FLAGS = (("max_new_tokens", int, "most tokens per reply"), ("temperature", float, "sampling temperature"),

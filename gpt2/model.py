@@ -81,7 +81,7 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head: nn.Module | None = None  # None: tied to wte (logits = h wte^T); gpt2.quantize sets its own
+        self.lm_head: nn.Module | None = None  # None: tied to wte (logits = h wte^T); quantize/packing set their own
         self.backend_name = backend
         self._backend: tuple[torch.device, TorchBackend] | None = None
 
@@ -154,7 +154,7 @@ class GPT2(nn.Module):
         return self.project(normed)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (..., vocab) from final-LayerNorm states (..., n_embd): the lm_head, tied to wte unless quantized."""
+        """Logits (..., vocab) from final-LayerNorm states (..., n_embd) through the lm_head (wte, or its own copy)."""
         return self.backend.linear(hidden, self.wte if self.lm_head is None else self.lm_head)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
