@@ -155,9 +155,10 @@ class Chat:
                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
         """One turn of several chats, generated as one ragged batch; on_text(chat index, text piece) streams.
 
-        The chats must share the model and sampling settings (seeds may differ). Greedy replies equal those
-        of each chat alone; sampled ones depend on the batch (one random stream serves all rows). MMI
-        chats stream their reply once it is chosen.
+        The chats must share the model and sampling settings (seeds may differ). Each chat's reply equals the
+        one it would give alone: every chat samples from its own random stream. A chat with a reverse model
+        prefills its turn once and samples its n_candidates replies from copies of that cache; MMI chats
+        stream their reply once it is chosen.
         """
         chats = list(chats)
         _check_batch(chats, texts)
@@ -165,18 +166,18 @@ class Chat:
         model, params = first.model, first.params
         user_turns = [chat._user_turn(text) for chat, text in zip(chats, texts)]  # all checked before any work
         plans = [chat._plan(turn) for chat, turn in zip(chats, user_turns)]
-        owner = [c for c, chat in enumerate(chats) for _ in range(chat.n_candidates)]  # row -> chat index
-        contexts = [plans[c].context for c in owner]
-        reused = [plans[c].reused for c in owner]
 
-        cache = model.new_cache(len(owner), max(len(ctx) for ctx in contexts) + params.max_new_tokens)
-        for row, c in enumerate(owner):
-            if reused[row]:
-                k, v = chats[c]._kv  # each (L, H, n, D)
-                cache.k[:, row, :, :reused[row]] = k[:, :, :reused[row]]
-                cache.v[:, row, :, :reused[row]] = v[:, :, :reused[row]]
-        cache.lengths = list(reused)
-        logits = prefill(model, cache, [ctx[n:] for ctx, n in zip(contexts, reused)])  # (R, V)
+        per_chat = model.new_cache(len(chats), max(len(plan.context) for plan in plans) + params.max_new_tokens)
+        for c, (chat, plan) in enumerate(zip(chats, plans)):
+            if plan.reused:
+                k, v = chat._kv  # each (L, H, n, D)
+                per_chat.k[:, c, :, :plan.reused] = k[:, :, :plan.reused]
+                per_chat.v[:, c, :, :plan.reused] = v[:, :, :plan.reused]
+        per_chat.lengths = [plan.reused for plan in plans]
+        logits = prefill(model, per_chat, [plan.context[plan.reused:] for plan in plans])  # (C, V)
+        owner = [c for c, chat in enumerate(chats) for _ in range(chat.n_candidates)]  # row -> chat index
+        cache = per_chat if len(owner) == len(chats) else per_chat.repeat_rows(owner)
+        logits = logits[torch.tensor(owner, device=logits.device)]  # (R, V)
 
         decoders: dict[int, StreamDecoder] = {}
         on_token = None
@@ -189,9 +190,9 @@ class Chat:
                     on_text(owner[row], piece)
 
         seeds = [chat._turn_seed() for chat in chats]
-        # One random stream serves the batch: a lone chat's own turn seed, else one derived from every chat's.
-        seed = seeds[0] if len(chats) == 1 else None if None in seeds else hash(tuple(seeds)) & (2**63 - 1)
-        outputs = continue_from_cache(model, cache, logits, contexts, dataclasses.replace(params, seed=seed), on_token)
+        streams = [None if seed is None else torch.Generator(device=model.device).manual_seed(seed) for seed in seeds]
+        outputs = continue_from_cache(model, cache, logits, [plans[c].context for c in owner], params, on_token,
+                                      row_generators=[streams[c] for c in owner] if params.do_sample else None)
 
         replies = []
         for c, (chat, plan) in enumerate(zip(chats, plans)):

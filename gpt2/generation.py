@@ -14,7 +14,7 @@ import torch
 
 from .decode_graph import StaticDecodeStep, cuda_graphs_enabled
 from .kv_cache import KVCache
-from .sampling import NGramBans, SamplingParams, apply_repetition_penalty, choose_next
+from .sampling import NGramBans, RandomStreams, SamplingParams, apply_repetition_penalty, choose_next
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -98,19 +98,21 @@ def generate(
 
 
 def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histories: list[list[int]],
-                        params: SamplingParams, on_token: TokenCallback | None = None) -> list[list[int]]:
+                        params: SamplingParams, on_token: TokenCallback | None = None,
+                        row_generators: list[torch.Generator | None] | None = None) -> list[list[int]]:
     """The decode loop, from a cache already holding each row's context.
 
     logits (B, V): the model's output at each row's last cached token; histories: each row's tokens so far
     (what repetition penalty and n-gram bans look at). The last chosen token of a row is not fed back,
     so it is not in the cache when this returns. The caller has checked the cache has room for
-    params.max_new_tokens - 1 more tokens per row.
+    params.max_new_tokens - 1 more tokens per row. Sampling draws from one stream seeded by params.seed,
+    or from row_generators, each row's own (see `choose_next`).
     """
     device = model.device
     batch, vocab_size = logits.shape
     eos_token_id = params.eos_token_id
-    generator = None
-    if params.do_sample and params.seed is not None:
+    generator: RandomStreams = row_generators
+    if row_generators is None and params.do_sample and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     seen = None
     if params.repetition_penalty != 1.0:

@@ -7,6 +7,7 @@ Rows of a batch may hold different numbers of tokens (`lengths`); a forward over
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -128,6 +129,14 @@ class KVCache:
     def keys_values(self, layer: int, step: ForwardStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (B, H, kv_span, D) of the layer's buffers that this step attends over."""
         return self.k[layer, :, :, :step.kv_span], self.v[layer, :, :, :step.kv_span]
+
+    def repeat_rows(self, rows: list[int]) -> KVCache:
+        """A new cache whose row i holds a copy of this cache's row rows[i] (its tokens and length)."""
+        index = torch.tensor(rows, device=self.k.device)
+        repeated = copy.copy(self)
+        repeated.k, repeated.v = self.k[:, index], self.v[:, index]  # each (L, len(rows), H, S, D)
+        repeated.lengths = [self.lengths[r] for r in rows]
+        return repeated
 
     def commit(self, step: ForwardStep) -> None:
         self.lengths = [s + n for s, n in zip(step.q_start_host, step.n_new_host)]

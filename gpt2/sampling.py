@@ -87,16 +87,26 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) after penalties -> next token ids (B,)."""
+RandomStreams = torch.Generator | list[torch.Generator | None] | None  # one for the batch, or one per row
+
+
+def choose_next(logits: torch.Tensor, params: SamplingParams, generator: RandomStreams) -> torch.Tensor:
+    """logits (B, V) after penalties -> next token ids (B,).
+
+    generator: one random stream for every row, or a list with each row's own (rows may share one; None is
+    torch's global stream), which makes a row's draws independent of the other rows in the batch.
+    """
     if not params.do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
+    token_ids = None
     if 0 < params.top_k < logits.shape[-1]:
         # Only the k best can survive top-k, so top-p and sampling run over (B, k) instead of the
         # whole vocabulary (a 50257-wide sort per step costs milliseconds on the CPU).
-        candidates, token_ids = torch.topk(logits, params.top_k, dim=-1)  # (B, k) each
-        probs = apply_top_p(candidates, params.top_p).softmax(dim=-1)
-        return token_ids.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
-    probs = apply_top_p(logits, params.top_p).softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        logits, token_ids = torch.topk(logits, params.top_k, dim=-1)  # (B, k) each
+    probs = apply_top_p(logits, params.top_p).softmax(dim=-1)  # (B, k or V)
+    if isinstance(generator, list):
+        picks = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
+    else:
+        picks = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    return (picks if token_ids is None else token_ids.gather(-1, picks))[:, 0]

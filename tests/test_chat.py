@@ -247,6 +247,21 @@ def test_chats_step_together_as_one_ragged_batch(model, prefills):
         assert [streamed[i] for i in range(3)] == replies
 
 
+def test_sampled_chats_reply_in_a_batch_as_they_would_alone(model):
+    reverse = seeded_model(1)
+
+    def chats() -> list[Chat]:  # sampling, each with its own seed; the last reranks 3 candidates by MMI
+        return [Chat(model, max_new_tokens=8, seed=1), Chat(model, max_new_tokens=8, seed=2),
+                Chat(model, max_new_tokens=8, seed=3, reverse_model=reverse, n_candidates=3)]
+
+    batch, alone = chats(), chats()
+    for round_ in range(3):
+        texts = [f"round {round_}", "This is so difficult !", words(5, seed=round_)]
+        replies = Chat.say_many(batch, texts)
+        assert replies == [twin.say(text) for twin, text in zip(alone, texts)]
+    assert len({tuple(chat.turns[-1]) for chat in batch}) == 3
+
+
 def test_say_many_refuses_mismatched_chats(model):
     a, b = Chat(model, max_new_tokens=8), Chat(model, max_new_tokens=9)
     with pytest.raises(ValueError, match="different sampling settings"):
@@ -278,6 +293,7 @@ def test_chat_with_mmi_keeps_the_best_scored_candidate(model, monkeypatch, prefi
         source = history[-1] + [EOS]
         assert scores == pytest.approx(reverse.score([without_eos(c) + [EOS] for c in candidates], [source] * 5))
         assert chat.turns[-1] == without_eos(candidates[best]) and "".join(pieces) == reply
-    assert len(prefills[-1][1]) == 5 and prefills[-1][0][0] > 0  # all candidates continue the kept cache
+    # the turn is prefilled once on the kept cache; the 5 candidates continue from copies of it
+    assert len(prefills[-1][1]) == 1 and prefills[-1][0][0] > 0
     with pytest.raises(ValueError, match="sampled candidates"):
         Chat(model, reverse_model=reverse, do_sample=False)
