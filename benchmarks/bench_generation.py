@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median "
              f"of {args.repeats} interleaved repeats; agreement: share of tokens matching {REFERENCE} (sdpa in "
              "--smoke) before a row's first divergence; x bound: batch-1 decode step / weight-streaming bound; "
-             "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded)"]
+             "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded); "
+             "CTranslate2 runs in a worker process per compute type, timed through a pipe"]
     (args.out / "generation.json").write_text(json.dumps(results, indent=1))
     (args.out / "generation.md").write_text(markdown(results, lines))
     (args.out / "README-table.md").write_text(headline(results) + "\n")
