@@ -59,8 +59,8 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     model.set_backend(backend)  # a backend that cannot run on this device fails here, not mid-generation
     if quantize == "int8":
         quantize_int8(model)
-    elif dtype == torch.bfloat16 and device.type == "cpu" and model.backend.name == "torch" \
-            and bf16_packing_available():
+    elif (dtype == torch.bfloat16 and device.type == "cpu" and model.backend.name == "torch"
+          and bf16_packing_available()):
         pack_bf16(model)
     model.tokenizer = tokenizer_for(path)
     return model.eval()

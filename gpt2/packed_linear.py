@@ -18,8 +18,8 @@ on CPUs where oneDNN runs bf16 natively.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
+from .cpu_packed import CpuPackedLinear
 from .model import GPT2
 
 PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the table above)
@@ -31,8 +31,11 @@ def bf16_packing_available() -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(CpuPackedLinear):
     """y = x W^T + b for bf16 x (..., in), with W held in oneDNN's opaque blocked layout (CPU only)."""
+
+    dtype = torch.bfloat16
+    layout = "oneDNN-packed bf16"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -51,10 +54,6 @@ class PackedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight as an ordinary bf16 (out, in) tensor."""
         return self.weight.to_dense()
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        raise ValueError("a model with packed bf16 weights (gpt2.packed_linear) stays on the CPU in bf16; "
-                         "load it again with gpt2.load(..., device=..., dtype=...) for another device or dtype")
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         return PackedLinear(self.dense_weight(), self.bias)

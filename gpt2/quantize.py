@@ -23,8 +23,8 @@ import functools
 import warnings
 
 import torch
-import torch.nn as nn
 
+from .cpu_packed import CpuPackedLinear
 from .model import GPT2
 
 
@@ -45,8 +45,11 @@ def int8_available() -> bool:
             and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "qnnpack")))
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(CpuPackedLinear):
     """y = dequant(quant(x) W_q^T) + b with W_q int8 (out, in), one scale per output row, x quantized per call."""
+
+    dtype = torch.float32
+    layout = "fbgemm-packed int8"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -57,7 +60,7 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks its quantized tensor type deprecated; the kernels are current
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        # fbgemm's packed (opaque) weight and fp32 bias; copied and moved with the module as a Python object
+        # fbgemm's packed (opaque) weight and fp32 bias, a Python object: deepcopy copies it, nothing moves it
         self.packed = torch.ops.quantized.linear_prepack(
             quantized, None if bias is None else bias.detach().float().contiguous())
         self.reduce_range = not cpu_has_vnni()

@@ -80,10 +80,11 @@ def test_packed_model_generates_and_scores(packed):
     assert len(scores) == 1 and scores[0] < 0
 
 
-def test_deepcopy_repacks_and_moving_is_refused(packed):
+def test_deepcopy_repacks_and_casting_is_refused(packed):
     twin = copy.deepcopy(packed)
     assert torch.equal(twin.h[0].mlp.c_fc.dense_weight(), packed.h[0].mlp.c_fc.dense_weight())
-    with pytest.raises(ValueError, match="stays on the CPU in bf16"):
+    twin.to("cpu", torch.bfloat16)  # what it is already: allowed
+    with pytest.raises(ValueError, match="oneDNN-packed bf16 weights, which stay on the CPU in torch.bfloat16"):
         twin.to(torch.float32)
 
 

@@ -75,6 +75,15 @@ def test_quantized_model_generates(models):
     assert [len(row) for row in out] == [4, 4]
 
 
+def test_quantized_model_copies_and_refuses_casts(models, token_ids):
+    _, quantized = models
+    twin = copy.deepcopy(quantized).to("cpu", torch.float32)  # what it is already: allowed
+    with torch.inference_mode():
+        assert torch.equal(twin(token_ids), quantized(token_ids))
+    with pytest.raises(ValueError, match="fbgemm-packed int8 weights, which stay on the CPU in torch.float32"):
+        twin.half()
+
+
 def test_refuses_a_bf16_model(reference_model):
     model = engine_twin(reference_model).to(torch.bfloat16)
     with pytest.raises(ValueError, match="fp32 model on the CPU"):
