@@ -66,8 +66,8 @@ class PackedLinear(CpuPackedLinear):
 def pack_bf16(model: GPT2) -> GPT2:
     """Replace, in place, every block's four linear layers and the lm_head by PackedLinear; returns model.
 
-    The model must be bf16 on the CPU on the torch backend. The block weights are released (packing moves
-    them, it does not copy); the lm_head gets its own packed copy of wte, which stays for the lookup.
+    The model must be bf16 on the CPU on the torch backend. Each block weight's plain copy is released once
+    it is packed; the lm_head gets its own packed copy of wte, which stays for the lookup.
     """
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         raise ValueError(f"pack_bf16 needs a bf16 model on the CPU, got {model.dtype} on {model.device}")

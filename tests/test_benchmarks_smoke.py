@@ -40,7 +40,8 @@ def test_gpt2_bench_command(capsys):
     assert main(["bench", "--sizes", "tiny", "--batch", "1", "--new-tokens", "2", "--repeats", "1",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    for engine in ("| this engine ", "| this engine int8 ", "| transformers sdpa "):
+    engines = ["| this engine ", "| this engine int8 ", "| transformers sdpa "]
+    for engine in engines + (["| this engine bf16 "] if bf16_packing_available() else []):
         assert engine in out
     assert "weight-streaming bound" in out
 
