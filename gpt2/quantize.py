@@ -61,8 +61,13 @@ class Int8Linear(CpuPackedLinear):
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
         # fbgemm's packed (opaque) weight and fp32 bias, a Python object: deepcopy copies it, nothing moves it
-        self.packed = torch.ops.quantized.linear_prepack(
-            quantized, None if bias is None else bias.detach().float().contiguous())
+        try:
+            self.packed = torch.ops.quantized.linear_prepack(
+                quantized, None if bias is None else bias.detach().float().contiguous())
+        except RuntimeError as e:  # an engine without per-channel int8 (some qnnpack builds)
+            raise ValueError(f"quantize_int8: torch's quantized engine {torch.backends.quantized.engine!r} cannot "
+                             f"pack per-channel int8 weights ({str(e).splitlines()[0]}); load with "
+                             "dtype=torch.bfloat16 for a lower-precision path instead") from None
         self.reduce_range = not cpu_has_vnni()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

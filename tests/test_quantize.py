@@ -84,6 +84,15 @@ def test_quantized_model_copies_and_refuses_casts(models, token_ids):
         twin.half()
 
 
+def test_an_engine_that_cannot_pack_is_reported(monkeypatch):
+    def cannot_pack(*args):
+        raise RuntimeError("per-channel quantization is not supported\nat some frame")
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", cannot_pack)
+    with pytest.raises(ValueError, match="cannot pack per-channel int8 weights .per-channel quantization is not sup"):
+        Int8Linear(torch.randn(8, 4), None)
+
+
 def test_refuses_a_bf16_model(reference_model):
     model = engine_twin(reference_model).to(torch.bfloat16)
     with pytest.raises(ValueError, match="fp32 model on the CPU"):
