@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
-from gpt2.bench import (SIZES, Engine, agreement, cpu_times, format_table, measure, other_cores,  # noqa: E402
-                        peak_rss_growth_mb, random_prompts, reference_pair, streaming_bound, this_engine,
+from gpt2.bench import (SIZES, BoundProbe, Engine, agreement, cpu_times, format_table, measure,  # noqa: E402
+                        other_cores, peak_rss_growth_mb, random_prompts, reference_pair, this_engine,
                         transformers_engine, wait_for_quiet)
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.packed_linear import bf16_packing_available, pack_bf16  # noqa: E402
@@ -150,8 +150,7 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
     bar.set_postfix_str(f"{size}: weight-streaming bound")
     if not args.smoke:
         wait_for_quiet()
-    bound = streaming_bound(config)
-    result["bound"] = vars(bound)
+    probe = BoundProbe(config)  # sampled again before every repeat of every batch below
     result["runs"] = []
     for batch in args.batch:
         batch_engines = list(engines)
@@ -171,7 +170,8 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
             except Exception as e:  # noqa: BLE001
                 notes.append(f"transformers static+compile skipped ({size}, batch {batch}): "
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost))
+        result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost, probe))
+    result["bound"] = vars(probe.result())
     for engine in engines:
         if engine.close is not None:
             engine.close()
@@ -179,7 +179,7 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
 
 
 def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argparse.Namespace, bar: tqdm,
-              compile_cost: float | None) -> dict:
+              compile_cost: float | None, probe: BoundProbe) -> dict:
     prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
     outputs = {}
     for engine in engines:  # warm-up run; its tokens are the ones compared
@@ -188,7 +188,7 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
         bar.update()
     bar.set_postfix_str(f"batch {batch}: timing")
     timings = measure(engines, prompts, args.new_tokens, args.repeats, progress=bar.update,
-                      quiet_wait_s=0.0 if args.smoke else 20.0)
+                      quiet_wait_s=0.0 if args.smoke else 20.0, bound=probe)
     memory = {}
     for engine in engines:
         bar.set_postfix_str(f"batch {batch}: memory {engine.name}")
@@ -235,7 +235,9 @@ def summary_lines(results: dict) -> list[str]:
     for size, res in results["sizes"].items():
         b = res["bound"]
         lines.append(f"{size}: weight-streaming bound {b['gemv_ms']:.1f} ms = {b['n_bytes'] / 1e6:.0f} MB of fp32 "
-                     f"weights through {b['gemv_kernel']} (a plain max-reduction over them: {b['read_ms']:.1f} ms)")
+                     f"weights through {b['gemv_kernel']}, median of {len(b['samples_ms'])} samples taken between "
+                     f"the repeats (range {min(b['samples_ms']):.1f}-{max(b['samples_ms']):.1f} ms; a plain "
+                     f"max-reduction over them: {b['read_ms']:.1f} ms)")
         for name, q in res.get("logit_error", {}).items():
             lines.append(f"{size}: {name} logits vs this engine fp32: max |diff| {q['max_abs']:.4f} (logit std "
                          f"{q['logit_std']:.3f}), relative RMS {q['rel_rms']:.4f}, top-1 agreement "
@@ -273,7 +275,8 @@ def headline(results: dict) -> str:
     return (format_table(header, rows) + f"\n\n{m['cpu']}, {results['threads']} threads, torch {m['torch']}; "
             f"prompt {results['prompt_len']} tokens, {results['new_tokens']} greedy tokens, median of "
             f"{results['repeats']} interleaved repeats; seeded random weights of the DialoGPT shapes; "
-            f"weight-streaming bound (one fp32 GEMV over the weights a decode step reads): {bounds}.")
+            f"weight-streaming bound (one fp32 GEMV over the weights a decode step reads, median of samples "
+            f"taken between the repeats): {bounds}.")
 
 
 def markdown(results: dict, lines: list[str]) -> str:

@@ -27,6 +27,7 @@ def test_bench_generation_smoke(tmp_path):
         assert engines["this engine"]["agreement"] == 1.0  # greedy ids identical to transformers'
         assert engines["this engine"]["tokens_generated"] == [3] * r["batch"]
         assert engines["this engine"]["decode_ms"] >= 0 and engines["this engine"]["prefill_ms"] > 0
+    assert len(tiny["bound"]["samples_ms"]) == 1 + 2  # at set-up, then before the one repeat of each batch
     assert tiny["bound"]["gemv_ms"] > 0 and tiny["logit_error"]["this engine int8"]["rel_rms"] < 0.03
     if bf16_packing_available():
         assert tiny["logit_error"]["this engine bf16"]["rel_rms"] < 0.03
