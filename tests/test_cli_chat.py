@@ -16,6 +16,8 @@ import pytest
 import gpt2
 from gpt2 import Chat, ChatNotice
 from gpt2.cli import main
+from gpt2.packed_linear import PackedLinear, bf16_packing_available
+from gpt2.quantize import Int8Linear
 from tests.checkpoints import make_reference_model, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,3 +178,22 @@ def test_generate_streams_a_one_shot_continuation(model_dir, capsys):
     assert "exceeds the model's n_positions" in capsys.readouterr().err
     assert main(["chat", str(model_dir), "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, layer", [(["--dtype", "bf16"], PackedLinear), (["--quantize", "int8"], Int8Linear)])
+def test_generate_on_the_faster_cpu_paths(model_dir, capsys, monkeypatch, flags, layer):
+    if layer is PackedLinear and not bf16_packing_available():
+        pytest.skip("no native bf16 in oneDNN on this CPU")
+    loaded = []
+    real_load = gpt2.cli.load
+
+    def load(*args, **kwargs):  # the CLI's model, to check which layers its flags gave it
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(gpt2.cli, "load", load)
+    assert main(["generate", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "6", *flags]) == 0
+    model, = loaded
+    assert isinstance(model.h[0].mlp.c_fc, layer) and isinstance(model.lm_head, layer)
+    tokens = model.generate([model.tokenizer.encode("Hello there")], max_new_tokens=6)[0]
+    assert capsys.readouterr().out == model.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
