@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 
 import torch
 import torch.nn as nn
 
 _HUGE_PAGE = 2 << 20  # bytes: Linux's transparent huge page on x86-64
+_MADV_COLLAPSE = 25  # Linux 6.1+: back a range with huge pages now (not in Python 3.11's mmap module)
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
@@ -35,3 +38,32 @@ def huge_page_weights(module: nn.Module) -> None:
     with torch.no_grad():
         for param in module.parameters():
             param.data = huge_page_copy(param.data)
+
+
+def collapse_into_huge_pages(address: int, n_bytes: int) -> int:
+    """Back the whole 2 MiB pages inside memory [address, address + n_bytes) with huge pages now, for memory a
+    library allocated (oneDNN's packed weights, `gpt2.packed_linear`) that cannot be copied into `huge_page_copy`'s.
+
+    Only pages entirely inside the range are touched, so no neighbouring allocation is affected. Best effort:
+    returns the bytes collapsed, 0 where the kernel (before Linux 6.1) or the platform cannot. Measured on
+    DialoGPT-small's packed bf16 weights (152 of their 250 MB in whole pages): decode step 12.0 vs 13.2 ms.
+    """
+    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + n_bytes) // _HUGE_PAGE * _HUGE_PAGE
+    madvise = _libc_madvise()
+    if end <= start or madvise is None or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    if madvise(start, end - start, mmap.MADV_HUGEPAGE) != 0 or madvise(start, end - start, _MADV_COLLAPSE) != 0:
+        return 0
+    return end - start
+
+
+@functools.cache
+def _libc_madvise():  # noqa: ANN202 - a ctypes function, or None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_packed import CpuPackedLinear
+from .huge_pages import collapse_into_huge_pages
 from .model import GPT2
 
 PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the table above)
@@ -42,6 +43,8 @@ class PackedLinear(CpuPackedLinear):
         self.out_features, self.in_features = weight.shape
         # A plain attribute, not a buffer: an opaque oneDNN tensor has no storage to save, copy or move.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), PACKED_FOR_ROWS)
+        if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step streams it: 2 MiB pages (gpt2.huge_pages)
+            collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(self.weight), torch.ops.mkldnn._nbytes(self.weight))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
