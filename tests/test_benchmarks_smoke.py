@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from gpt2.bench import Timing, agreement, format_table
 from gpt2.cli import main
@@ -67,3 +71,25 @@ def test_agreement_counts_tokens_before_the_first_divergence():
 
 def test_format_table():
     assert format_table(["a", "bb"], [[1, "x"]]).splitlines() == ["| a | bb |", "| - | -- |", "| 1 | x  |"]
+
+
+def test_ctranslate2_runs_in_worker_processes(tmp_path):
+    pytest.importorskip("ctranslate2")
+    from benchmarks.ctranslate2_engine import ctranslate2_engines
+    from gpt2.bench import SIZES, reference_pair
+
+    hf_model, model = reference_pair(SIZES["tiny"])
+    engines = ctranslate2_engines(hf_model, tmp_path, threads=1)
+    try:
+        assert [e.name for e in engines] == ["ctranslate2 fp32", "ctranslate2 int8"]
+        prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+        fp32 = engines[0]
+        expected = model.generate(prompts, max_new_tokens=3, min_new_tokens=3)
+        assert fp32.generate(prompts, 3) == expected  # greedy, same weights: same tokens
+        with torch.inference_mode():
+            torch.testing.assert_close(fp32.logits(prompts), model(torch.tensor(prompts)), atol=1e-4, rtol=1e-4)
+        assert fp32.memory_mb(prompts, 3) >= 0
+    finally:
+        for engine in engines:
+            engine.close()
+    assert all(not p.is_alive() for p in multiprocessing.active_children() if p.name.startswith("ctranslate2"))
