@@ -15,7 +15,6 @@ Engines that are not installed, or fail to set up, are skipped with the reason i
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -32,12 +31,11 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
-from gpt2.bench import (SIZES, BoundProbe, Engine, agreement, cpu_times, format_table, measure,  # noqa: E402
-                        other_cores, peak_rss_growth_mb, random_prompts, reference_pair, this_engine,
-                        transformers_engine, wait_for_quiet)
+from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, cpu_times, format_table,  # noqa: E402
+                        low_precision_engines, measure, other_cores, peak_rss_growth_mb, random_prompts,
+                        reference_pair, this_engine, transformers_engine, wait_for_quiet)
 from gpt2.config import GPT2Config  # noqa: E402
-from gpt2.packed_linear import bf16_packing_available, pack_bf16  # noqa: E402
-from gpt2.quantize import quantize_int8  # noqa: E402
+from gpt2.packed_linear import bf16_packing_available  # noqa: E402
 
 REFERENCE = "transformers eager"
 
@@ -116,21 +114,11 @@ def logit_error(exact: torch.Tensor, approx: torch.Tensor) -> dict:
             "logit_std": exact.std().item()}
 
 
-def low_precision_models(model: torch.nn.Module, notes: list[str]) -> dict[str, torch.nn.Module]:
-    """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively."""
-    models = {"this engine int8": quantize_int8(copy.deepcopy(model))}
-    if bf16_packing_available():
-        models["this engine bf16"] = pack_bf16(copy.deepcopy(model).to(torch.bfloat16))
-    elif "bf16 skipped" not in " ".join(notes):
-        notes.append("this engine bf16 skipped: oneDNN has no native bf16 on this CPU (avx512_bf16 or AMX)")
-    return models
-
-
 def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -> dict:
     config: GPT2Config = SIZES[size]
     hf_model, model = reference_pair(config)
     result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head}}
-    low_precision = [this_engine(m, name) for name, m in low_precision_models(model, notes).items()]
+    low_precision = low_precision_engines(model)
     engines = [this_engine(model), transformers_engine(hf_model, "sdpa")]
     if not args.smoke:
         engines[1:1] = [*low_precision, transformers_engine(hf_model, "eager")]
@@ -332,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     args.out.mkdir(parents=True, exist_ok=True)
     start = cpu_times()
-    notes: list[str] = []
+    notes: list[str] = [] if bf16_packing_available() else [BF16_SKIPPED]
     if importlib.util.find_spec("transformers") is None:
         print("transformers is required: pip install 'dialogpt-engine[bench]'", file=sys.stderr)
         return 2

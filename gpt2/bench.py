@@ -9,6 +9,7 @@ interleaved within each repeat and medians reported, since other work on the mac
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import os
@@ -130,6 +131,20 @@ def this_engine(model: GPT2, name: str = "this engine") -> Engine:
             return model(torch.tensor(prompts)).float()  # (B, T, V)
 
     return Engine(name, generate, logits)
+
+
+BF16_SKIPPED = "this engine bf16 skipped: oneDNN has no native bf16 on this CPU (avx512_bf16 or AMX)"
+
+
+def low_precision_engines(model: GPT2) -> list[Engine]:
+    """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively (else BF16_SKIPPED)."""
+    from .packed_linear import bf16_packing_available, pack_bf16
+    from .quantize import quantize_int8
+
+    engines = [this_engine(quantize_int8(copy.deepcopy(model)), "this engine int8")]
+    if bf16_packing_available():
+        engines.append(this_engine(pack_bf16(copy.deepcopy(model).to(torch.bfloat16)), "this engine bf16"))
+    return engines
 
 
 def transformers_engine(hf_model: torch.nn.Module, attn: str, name: str | None = None, **generate_kwargs) -> Engine:
@@ -347,13 +362,11 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
 
     Returns the report (a markdown table and the weight-streaming bound per size).
     """
-    import copy
     import importlib.util
 
     from tqdm import tqdm
 
-    from .packed_linear import bf16_packing_available, pack_bf16
-    from .quantize import quantize_int8
+    from .packed_linear import bf16_packing_available
 
     torch.set_num_threads(threads)
     with_transformers = with_transformers and importlib.util.find_spec("transformers") is not None
@@ -367,15 +380,15 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
              f"{n_new} new greedy tokens, median of {repeats} interleaved repeats; seeded random weights"]
     if not with_transformers:
         notes.append("transformers not installed: this engine only (pip install 'dialogpt-engine[bench]')")
+    if not bf16_packing_available():
+        notes.append(BF16_SKIPPED)
     for size in sizes:
         config = SIZES[size]
         if with_transformers:
             hf_model, model = reference_pair(config)
         else:
             hf_model, model = None, random_model(config)
-        engines = [this_engine(model), this_engine(quantize_int8(copy.deepcopy(model)), "this engine int8")]
-        if bf16_packing_available():
-            engines.append(this_engine(pack_bf16(copy.deepcopy(model).to(torch.bfloat16)), "this engine bf16"))
+        engines = [this_engine(model), *low_precision_engines(model)]
         if hf_model is not None:
             engines.append(transformers_engine(hf_model, "sdpa"))
         probe = BoundProbe(config)
@@ -388,17 +401,17 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
                 bar.update()
             reference = outputs[engines[-1].name if hf_model is not None else engines[0].name]  # named in the notes
             timings = measure(engines, prompts, n_new, repeats, progress=bar.update, bound=probe)
-            size_rows += [[size, batch, engine.name, timings[engine.name],
-                           f"{agreement(outputs[engine.name], reference):.2f}"] for engine in engines]
-        bound = probe.result()
-        for size_, batch, name, t, agree in size_rows:
+            size_rows += [(batch, engine.name, timings[engine.name], agreement(outputs[engine.name], reference))
+                          for engine in engines]
+        bound = probe.result()  # known once every batch has sampled it
+        for batch, name, t, agree in size_rows:
             ratio = f"{t.decode_ms / bound.gemv_ms:.2f}" if batch == 1 else ""
-            rows.append([size_, batch, name, f"{t.prefill_ms:.1f}", f"{t.decode_ms:.2f}", f"{t.tokens_per_s:.1f}",
-                         ratio, agree])
+            rows.append([size, batch, name, f"{t.prefill_ms:.1f}", f"{t.decode_ms:.2f}", f"{t.tokens_per_s:.1f}",
+                         ratio, f"{agree:.2f}"])
         notes.append(f"{size}: weight-streaming bound {bound.gemv_ms:.1f} ms ({bound.n_bytes / 1e6:.0f} MB fp32 via "
                      f"{bound.gemv_kernel}, median of {len(bound.samples_ms)} samples taken between the repeats; "
                      f"a plain read takes {bound.read_ms:.1f} ms)")
-        del probe
+        del probe  # its weight-sized matrix, before the next size allocates its own
     bar.close()
     reference_name = "transformers sdpa" if with_transformers else "this engine"
     notes.append(f"agreement: share of generated tokens matching {reference_name} before the first divergence; "

@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, is_engine_dir, read_checkpoint
 from .convert import DestinationExistsError, convert
 from .huge_pages import huge_page_weights
 from .model import GPT2
-from .packed_linear import bf16_packing_available, pack_bf16
+from .packed_linear import pack_bf16, why_not_packable
 from .quantize import quantize_int8
 from .tokenizer import tokenizer_for
 
@@ -59,8 +59,7 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     model.set_backend(backend)  # a backend that cannot run on this device fails here, not mid-generation
     if quantize == "int8":
         quantize_int8(model)
-    elif (dtype == torch.bfloat16 and device.type == "cpu" and model.backend.name == "torch"
-          and bf16_packing_available()):
+    elif why_not_packable(model) is None:  # bf16 on a CPU with native bf16, torch backend
         pack_bf16(model)
     model.tokenizer = tokenizer_for(path)
     return model.eval()

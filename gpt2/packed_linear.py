@@ -65,20 +65,28 @@ class PackedLinear(CpuPackedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed for oneDNN"
 
 
+def why_not_packable(model: GPT2) -> str | None:
+    """Why pack_bf16 cannot pack model, or None when it can."""
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return f"pack_bf16 needs a bf16 model on the CPU, got {model.dtype} on {model.device}"
+    if model.backend.name != "torch":
+        return f"pack_bf16 runs on the 'torch' backend, the model uses {model.backend.name!r}"
+    if not bf16_packing_available():
+        return ("pack_bf16 needs oneDNN with native bf16 on this CPU (avx512_bf16 or AMX); this CPU or torch "
+                "build has neither")
+    return None
+
+
 @torch.no_grad()
 def pack_bf16(model: GPT2) -> GPT2:
     """Replace, in place, every block's four linear layers and the lm_head by PackedLinear; returns model.
 
-    The model must be bf16 on the CPU on the torch backend. Each block weight's plain copy is released once
-    it is packed; the lm_head gets its own packed copy of wte, which stays for the lookup.
+    The model must be bf16 on the CPU on the torch backend (see `why_not_packable`). Each block weight's plain
+    copy is released once it is packed; the lm_head gets its own packed copy of wte, which stays for the lookup.
     """
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
-        raise ValueError(f"pack_bf16 needs a bf16 model on the CPU, got {model.dtype} on {model.device}")
-    if model.backend.name != "torch":
-        raise ValueError(f"pack_bf16 runs on the 'torch' backend, the model uses {model.backend.name!r}")
-    if not bf16_packing_available():
-        raise ValueError("pack_bf16 needs oneDNN with native bf16 on this CPU (avx512_bf16 or AMX); "
-                         "this CPU or torch build has neither")
+    reason = why_not_packable(model)
+    if reason is not None:
+        raise ValueError(reason)
     for block in model.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
                              (block.mlp, "c_proj")):
