@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -82,26 +83,45 @@ def _version(module: str) -> str | None:
 
 # --- engines -----------------------------------------------------------------------------------------
 
-def compiled_transformers_engine(hf_model: torch.nn.Module, batch: int, max_len: int) -> Engine:
-    """transformers generate with a reused StaticCache and its torch.compile'd decode step (CPU enabled)."""
+def compiled_transformers_engine(hf_model: torch.nn.Module, batch: int, max_len: int, mode: str = "default") -> Engine:
+    """transformers generate with a reused StaticCache and its torch.compile'd decode step (CPU enabled);
+    mode is torch.compile's ("reduce-overhead" adds CUDA graphs on a GPU)."""
     from transformers import CompileConfig, StaticCache
 
-    compile_config = CompileConfig(mode="default", fullgraph=False, dynamic=False)
+    compile_config = CompileConfig(mode=mode, fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     hf_model.set_attn_implementation("sdpa")
     cache = StaticCache(config=hf_model.config, max_cache_len=max_len)  # one object: stable compile guards
+    # transformers 5.17 takes the cache as `past_key_values`; later 5.x name it `cache` and deprecate the old name.
+    cache_kwarg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
         hf_model.set_attn_implementation("sdpa")
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=hf_model.device)
         with torch.inference_mode():
             cache.reset()
             out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, pad_token_id=hf_model.config.eos_token_id, cache=cache,
-                                    compile_config=compile_config)
+                                    do_sample=False, pad_token_id=hf_model.config.eos_token_id,
+                                    compile_config=compile_config, **{cache_kwarg: cache})
         return out[:, ids.shape[1]:].tolist()
 
     return Engine("transformers static+compile", generate)
+
+
+def compile_cost_s(engine: Engine, prompts: list[list[int]], n: int) -> float:
+    """Seconds the first generate of a compiling engine takes beyond its second: the one-time compile cost."""
+    start = time.perf_counter()
+    engine.generate(prompts, n)  # compiles
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.generate(prompts, n)
+    return first - (time.perf_counter() - start)
+
+
+def compile_cost_lines(size: str, runs: list[dict], name: str) -> list[str]:
+    """A line per batch size whose engine `name` reports a compile cost."""
+    return [f"{size} batch {run['batch']}: torch.compile one-time cost {run['engines'][name]['compile_s']:.1f} s "
+            "(not in the timings)" for run in runs if "compile_s" in run["engines"].get(name, {})]
 
 
 # --- one model size ------------------------------------------------------------------------------------
@@ -148,12 +168,7 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
             prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
             try:
                 bar.set_postfix_str(f"{size} batch {batch}: torch.compile")
-                start = time.perf_counter()
-                engine.generate(prompts, args.new_tokens)  # compiles
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                engine.generate(prompts, args.new_tokens)
-                compile_cost = first - (time.perf_counter() - start)
+                compile_cost = compile_cost_s(engine, prompts, args.new_tokens)
                 batch_engines.append(engine)
             except Exception as e:  # noqa: BLE001
                 notes.append(f"transformers static+compile skipped ({size}, batch {batch}): "
@@ -230,11 +245,7 @@ def summary_lines(results: dict) -> list[str]:
             lines.append(f"{size}: {name} logits vs this engine fp32: max |diff| {q['max_abs']:.4f} (logit std "
                          f"{q['logit_std']:.3f}), relative RMS {q['rel_rms']:.4f}, top-1 agreement "
                          f"{q['top1_agreement']:.3f}")
-        for run in res["runs"]:
-            compiled = run["engines"].get("transformers static+compile", {})
-            if "compile_s" in compiled:
-                lines.append(f"{size} batch {run['batch']}: torch.compile one-time cost {compiled['compile_s']:.1f} s "
-                             "(not in the timings)")
+        lines += compile_cost_lines(size, res["runs"], "transformers static+compile")
     return lines
 
 

@@ -128,7 +128,7 @@ def this_engine(model: GPT2, name: str = "this engine") -> Engine:
 
     def logits(prompts: list[list[int]]) -> torch.Tensor:
         with torch.inference_mode():
-            return model(torch.tensor(prompts)).float()  # (B, T, V)
+            return model(torch.tensor(prompts, device=model.device)).float()  # (B, T, V)
 
     return Engine(name, generate, logits)
 
@@ -152,7 +152,7 @@ def transformers_engine(hf_model: torch.nn.Module, attn: str, name: str | None =
 
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
         hf_model.set_attn_implementation(attn)
-        ids = torch.tensor(prompts)  # (B, T), equal lengths: no padding
+        ids = torch.tensor(prompts, device=hf_model.device)  # (B, T), equal lengths: no padding
         with torch.inference_mode():
             out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, pad_token_id=hf_model.config.eos_token_id, **generate_kwargs)

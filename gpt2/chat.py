@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .generation import continue_from_cache, prefill
+from .generation import DecodeFn, continue_from_cache, generation_cache, prefill
 from .mmi import MMIReranker, check_same_vocabulary
 from .sampling import SamplingParams
 
@@ -167,7 +167,16 @@ class Chat:
         user_turns = [chat._user_turn(text) for chat, text in zip(chats, texts)]  # all checked before any work
         plans = [chat._plan(turn) for chat, turn in zip(chats, user_turns)]
 
-        per_chat = model.new_cache(len(chats), max(len(plan.context) for plan in plans) + params.max_new_tokens)
+        length = max(len(plan.context) for plan in plans) + params.max_new_tokens
+        with generation_cache(model, len(chats), length) as (per_chat, decode):
+            return Chat._reply(chats, plans, per_chat, decode, on_text)
+
+    @staticmethod
+    def _reply(chats: list[Chat], plans: list[_TurnPlan], per_chat: KVCache, decode: DecodeFn,
+               on_text: Callable[[int, str], None] | None) -> list[str]:
+        """say_many's turn over an empty cache of one row per chat, decode being its step; commits each reply."""
+        first = chats[0]
+        model, params = first.model, first.params
         for c, (chat, plan) in enumerate(zip(chats, plans)):
             if plan.reused:
                 k, v = chat._kv  # each (L, H, n, D)
@@ -192,7 +201,8 @@ class Chat:
         seeds = [chat._turn_seed() for chat in chats]
         streams = [None if seed is None else torch.Generator(device=model.device).manual_seed(seed) for seed in seeds]
         outputs = continue_from_cache(model, cache, logits, [plans[c].context for c in owner], params, on_token,
-                                      row_generators=[streams[c] for c in owner] if params.do_sample else None)
+                                      row_generators=[streams[c] for c in owner] if params.do_sample else None,
+                                      decode=decode if cache is per_chat else None)
 
         replies = []
         for c, (chat, plan) in enumerate(zip(chats, plans)):

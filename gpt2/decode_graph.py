@@ -1,14 +1,19 @@
-"""A decode step with static shapes, captured once in a CUDA graph and replayed for every new token.
+"""A decode step with static shapes, captured once in a CUDA graph and replayed for every new token, and the
+pool that keeps captured steps, with their caches, from one generate or chat call to the next.
 
 Decode steps differ only in tensor values (each row's new token and position) when attention reads
-the whole preallocated cache and masks by each row's length. This class keeps those inputs in fixed
-buffers, so on CUDA the step's ~15 kernel launches per layer are replayed from a graph instead of
+the whole preallocated cache and masks by each row's length. `StaticDecodeStep` keeps those inputs in
+fixed buffers, so on CUDA the step's ~15 kernel launches per layer are replayed from a graph instead of
 issued from Python. Off CUDA it runs the same static step eagerly, which is how the CPU tests check it.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,3 +84,58 @@ class StaticDecodeStep:
             logits = self.logits.clone()
         self.cache.lengths = [n + 1 for n in lengths]
         return logits
+
+
+class DecodeGraphPool:
+    """KV caches with their captured decode steps, reused by every generate and chat call of the same shape.
+
+    Capturing a step costs two eager warm-up steps and the capture itself: on an H200, DialoGPT-small's
+    generate spent about as long capturing as on 20 replayed steps, which doubled the decode time per token
+    of a 32-token reply. A graph reads and writes its cache's buffers, so the pool keeps the caches too: one
+    per (batch size, cache length rounded up to LENGTH_BUCKET), the MAX_ENTRIES most recently used. A cache
+    is lent to one call at a time (a concurrent call of the same shape gets a new one). Moving or casting
+    the model's weights, or changing its backend, empties the pool.
+    """
+
+    LENGTH_BUCKET = 128
+    MAX_ENTRIES = 4
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[int, int], tuple[KVCache, StaticDecodeStep]] = OrderedDict()
+        self._weights: tuple = ()
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> DecodeGraphPool:
+        return DecodeGraphPool()  # graphs belong to the weights they were captured on: a copy starts empty
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Free every pooled cache and graph."""
+        with self._lock:
+            self._entries.clear()
+
+    @contextmanager
+    def lease(self, model: GPT2, batch_size: int, max_len: int) -> Iterator[tuple[KVCache, StaticDecodeStep]]:
+        """An empty cache of batch_size rows holding at least max_len tokens, and the decode step over it."""
+        length = min(-(-max_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, model.config.n_positions)
+        key = (batch_size, max(length, max_len))
+        weights = (model.backend.name, *(p.data_ptr() for p in model.parameters()))
+        with self._lock:
+            if weights != self._weights:
+                self._entries.clear()
+                self._weights = weights
+            entry = self._entries.pop(key, None)  # out of the pool while lent
+        if entry is None:
+            cache = model.new_cache(batch_size, key[1])
+            entry = (cache, StaticDecodeStep(model, cache, use_graph=model.device.type == "cuda"))
+        entry[0].reset()
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                if weights == self._weights:
+                    self._entries[key] = entry  # the most recently used last
+                    while len(self._entries) > self.MAX_ENTRIES:
+                        self._entries.popitem(last=False)

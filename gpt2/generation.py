@@ -6,7 +6,8 @@ so every row generates exactly what it would alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from .model import GPT2
 
 TokenCallback = Callable[[int, int], None]  # (row, token) as each new token is chosen
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # tokens (B,) -> logits (B, V), appending to a cache
 
 
 def check_token_ids(kind: str, index: int, ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -65,6 +67,25 @@ def decode_one_token(model: GPT2, cache: KVCache, tokens: torch.Tensor) -> torch
     return model(tokens[:, None], cache=cache, last_only=True)
 
 
+def decoder_for(model: GPT2, cache: KVCache) -> DecodeFn:
+    """The decode step over cache: replayed from a CUDA graph captured for it on CUDA, else eager."""
+    if cuda_graphs_enabled(model):
+        return StaticDecodeStep(model, cache, use_graph=True)
+    return partial(decode_one_token, model, cache)
+
+
+@contextmanager
+def generation_cache(model: GPT2, batch_size: int, max_len: int) -> Iterator[tuple[KVCache, DecodeFn]]:
+    """An empty cache for one generation and its decode step: on CUDA a pooled cache whose captured graph is
+    reused from earlier calls of the same shape (see `gpt2.decode_graph.DecodeGraphPool`), else a new cache."""
+    if cuda_graphs_enabled(model):
+        with model.decode_graphs.lease(model, batch_size, max_len) as (cache, step):
+            yield cache, step
+    else:
+        cache = model.new_cache(batch_size, max_len)
+        yield cache, partial(decode_one_token, model, cache)
+
+
 @torch.inference_mode()
 def generate(
     model: GPT2,
@@ -92,21 +113,23 @@ def generate(
         if len(row) + max_new_tokens > n_positions:
             raise ValueError(f"prompt {i}: {len(row)} tokens + max_new_tokens {max_new_tokens} = "
                              f"{len(row) + max_new_tokens} exceeds the model's n_positions ({n_positions})")
-    cache = model.new_cache(len(rows), max(len(r) for r in rows) + max_new_tokens)
-    logits = prefill(model, cache, rows)
-    return continue_from_cache(model, cache, logits, rows, params, on_token)
+    with generation_cache(model, len(rows), max(len(r) for r in rows) + max_new_tokens) as (cache, decode):
+        logits = prefill(model, cache, rows)
+        return continue_from_cache(model, cache, logits, rows, params, on_token, decode=decode)
 
 
 def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histories: list[list[int]],
                         params: SamplingParams, on_token: TokenCallback | None = None,
-                        row_generators: list[torch.Generator | None] | None = None) -> list[list[int]]:
+                        row_generators: list[torch.Generator | None] | None = None,
+                        decode: DecodeFn | None = None) -> list[list[int]]:
     """The decode loop, from a cache already holding each row's context.
 
     logits (B, V): the model's output at each row's last cached token; histories: each row's tokens so far
     (what repetition penalty and n-gram bans look at). The last chosen token of a row is not fed back,
     so it is not in the cache when this returns. The caller has checked the cache has room for
     params.max_new_tokens - 1 more tokens per row. Sampling draws from one stream seeded by params.seed,
-    or from row_generators, each row's own (see `choose_next`).
+    or from row_generators, each row's own (see `choose_next`). decode runs the step over cache (default:
+    `decoder_for(model, cache)`).
     """
     device = model.device
     batch, vocab_size = logits.shape
@@ -121,11 +144,8 @@ def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histo
             seen[i, row] = True
     bans = NGramBans(params.no_repeat_ngram_size, histories) if params.no_repeat_ngram_size > 0 else None
 
-    if cuda_graphs_enabled(model):
-        decode: Callable[[torch.Tensor], torch.Tensor] = StaticDecodeStep(model, cache, use_graph=True)
-    else:
-        decode = partial(decode_one_token, model, cache)
-
+    if decode is None:
+        decode = decoder_for(model, cache)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
     for step in range(params.max_new_tokens):

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .backend import TorchBackend, select_backend
 from .config import GPT2Config
+from .decode_graph import DecodeGraphPool
 from .kv_cache import ForwardStep, KVCache
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class GPT2(nn.Module):
         self.lm_head: nn.Module | None = None  # None: tied to wte (logits = h wte^T); quantize/packing set their own
         self.backend_name = backend
         self._backend: tuple[torch.device, TorchBackend] | None = None
+        self.decode_graphs = DecodeGraphPool()  # captured CUDA-graph decode steps, reused across generate calls
 
     @property
     def backend(self) -> TorchBackend:

@@ -93,3 +93,28 @@ def test_ctranslate2_runs_in_worker_processes(tmp_path):
         for engine in engines:
             engine.close()
     assert all(not p.is_alive() for p in multiprocessing.active_children() if p.name.startswith("ctranslate2"))
+
+
+def test_bench_generation_cuda_smoke(tmp_path):
+    """The GPU benchmark's CPU smoke mode: this engine and transformers, fp32, tiny config."""
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation_cuda.py"), "--smoke", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "generation-cuda-cpu-smoke.json").read_text())
+    runs = results["sizes"]["tiny"]["runs"]
+    assert [r["batch"] for r in runs] == [1, 2]
+    for r in runs:
+        ours = r["engines"]["this engine fp32"]
+        assert ours["agreement"] == 1.0 and ours["decode_ms"] >= 0 and ours["prefill_ms"] > 0
+    assert results["sizes"]["tiny"]["logit_error"]["this engine fp32"]["rel_rms"] < 1e-5
+    assert "| this engine fp32 " in run.stdout
+
+
+def test_bench_kernels_smoke():
+    """Every kernel case once, tiny shapes, under the Triton interpreter (what the GPU run times)."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", "--smoke"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for kernel in ("layer_norm", "add_layer_norm", "bias_gelu", "prefill", "decode"):
+        for dtype in ("fp16", "bf16", "fp32"):
+            assert any(line.startswith(kernel + " ") and f" {dtype} " in line for line in run.stdout.splitlines())

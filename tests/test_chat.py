@@ -297,3 +297,18 @@ def test_chat_with_mmi_keeps_the_best_scored_candidate(model, monkeypatch, prefi
     assert len(prefills[-1][1]) == 1 and prefills[-1][0][0] > 0
     with pytest.raises(ValueError, match="sampled candidates"):
         Chat(model, reverse_model=reverse, do_sample=False)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_chats_through_the_decode_graph_pool_reply_the_same(monkeypatch, greedy):
+    """Turns run on a pooled cache (what CUDA does, forced here with eager steps) give the replies of fresh caches,
+    for two chats stepped together and then one alone, over several turns."""
+    def conversation() -> list[str]:
+        model = seeded_model(3)
+        a, b = (Chat(model, max_new_tokens=8, seed=None if greedy else s, do_sample=not greedy) for s in (5, 6))
+        replies = Chat.say_many([a, b], MESSAGES[:2])
+        return replies + Chat.say_many([a, b], MESSAGES[2:4]) + [a.say(MESSAGES[4]), a.say(MESSAGES[5])]
+
+    expected = conversation()
+    monkeypatch.setattr("gpt2.generation.cuda_graphs_enabled", lambda model: True)
+    assert conversation() == expected

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import gpt2
 from gpt2 import Chat, ChatNotice
@@ -40,6 +41,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
+# The CLI's default device; seeded sampling draws differ between CPU and CUDA generators.
+CLI_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_cli(args: list[str], stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gpt2.cli", *args], input=stdin, capture_output=True, text=True,
                           env=cli_env(**env), timeout=TIMEOUT, cwd=REPO,
@@ -55,7 +60,7 @@ def test_chat_through_a_pipe_one_line_per_turn(model_dir):
     assert result.stderr.count("empty message") == 2 and "history cleared" in result.stderr
     assert result.stderr.count("notice: your message is 200 tokens") == 1
 
-    chat = Chat(gpt2.load(model_dir), max_new_tokens=6, seed=4)  # the same conversation in-process
+    chat = Chat(gpt2.load(model_dir, device=CLI_DEVICE), max_new_tokens=6, seed=4)  # the same conversation in-process
     expected = [chat.say("Hello there"), chat.say("How are you?")]
     chat.reset()
     expected.append(chat.say("Hello there"))
@@ -165,7 +170,7 @@ def test_missing_model_says_how_to_convert(tmp_path):
 def test_generate_streams_a_one_shot_continuation(model_dir, capsys):
     assert main(["generate", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "7"]) == 0
     out = capsys.readouterr().out
-    model = gpt2.load(model_dir)
+    model = gpt2.load(model_dir, device=CLI_DEVICE)
     tokens = model.generate([model.tokenizer.encode("Hello there")], max_new_tokens=7)[0]
     assert out == model.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
     assert main(["generate", str(model_dir), "--prompt", "Hello there", "--chat-format", "--sample", "--seed", "1",
@@ -192,7 +197,8 @@ def test_generate_on_the_faster_cpu_paths(model_dir, capsys, monkeypatch, flags,
         return loaded[-1]
 
     monkeypatch.setattr(gpt2.cli, "load", load)
-    assert main(["generate", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "6", *flags]) == 0
+    assert main(["generate", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "6", "--device", "cpu",
+                 *flags]) == 0
     model, = loaded
     assert isinstance(model.h[0].mlp.c_fc, layer) and isinstance(model.lm_head, layer)
     tokens = model.generate([model.tokenizer.encode("Hello there")], max_new_tokens=6)[0]

@@ -16,11 +16,12 @@ from gpt2.generation import decode_one_token, prefill
 
 FP32_ATOL = 1e-4
 CONFIG = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=300)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton runs on the CPU only under the interpreter, which tests/conftest.py turns on only without a GPU.
+DEVICE_BACKENDS = ([("cpu", "torch"), ("cpu", "triton")] if not torch.cuda.is_available()
+                   else [("cpu", "torch"), ("cuda", "torch"), ("cuda", "triton")])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @torch.inference_mode()
 def test_static_decode_matches_dynamic_decode(device, backend):
     torch.manual_seed(0)
@@ -44,3 +45,41 @@ def test_static_decode_refuses_a_full_cache():
     prefill(model, cache, [[1, 2, 3, 4]])
     with pytest.raises(ValueError, match="KV cache full"):
         StaticDecodeStep(model, cache, use_graph=False)(torch.tensor([5]))
+
+
+def test_pool_lends_one_cache_and_step_per_shape():
+    model = GPT2(CONFIG).eval()
+    pool = model.decode_graphs
+    with pool.lease(model, 2, 20) as (cache, step):
+        assert cache.max_len == CONFIG.n_positions  # 20 rounded up to the bucket, capped at n_positions
+        cache.lengths = [5, 3]
+        with pool.lease(model, 2, 20) as (other, _):  # lent out: a concurrent call gets its own
+            assert other is not cache
+    with pool.lease(model, 2, 64) as (again, again_step):
+        assert again is cache and again_step is step and again.lengths == [0, 0]  # reset for the new call
+    for batch in range(3, 3 + pool.MAX_ENTRIES):
+        with pool.lease(model, batch, 10):
+            pass
+    assert len(pool) == pool.MAX_ENTRIES
+    with pool.lease(model, 2, 20) as (evicted, _):
+        assert evicted is not cache  # the least recently used went first
+    model.double()  # new weight tensors: the captured steps read the old ones
+    with pool.lease(model, 3, 10):
+        assert len(pool) == 0
+    assert len(pool) == 1
+
+
+@pytest.mark.parametrize("device, backend", [dc for dc in DEVICE_BACKENDS if dc != ("cpu", "triton")])
+def test_generation_through_the_pool_matches_plain_decoding(device, backend, monkeypatch):
+    """Greedy tokens of calls that reuse one pooled cache (holding the previous call's keys past each row's
+    length) equal those of the plain decode loop. On the CPU the pool is forced on and its steps run eagerly."""
+    torch.manual_seed(0)
+    model = GPT2(CONFIG, backend=backend).to(device).eval()
+    calls = [[[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]], [[11, 12], [13, 14, 15], [16]], [[17, 18, 19, 20], [21], [22]]]
+    monkeypatch.setenv("GPT2_CUDA_GRAPHS", "0")
+    expected = [model.generate(prompts, max_new_tokens=8, eos_token_id=None) for prompts in calls]
+    monkeypatch.setenv("GPT2_CUDA_GRAPHS", "1")
+    if device == "cpu":
+        monkeypatch.setattr("gpt2.generation.cuda_graphs_enabled", lambda model: True)
+    assert [model.generate(prompts, max_new_tokens=8, eos_token_id=None) for prompts in calls] == expected
+    assert len(model.decode_graphs) == 1  # one shape: one cache and step served every call

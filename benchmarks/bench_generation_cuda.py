@@ -1,0 +1,310 @@
+"""End-to-end greedy generation on a CUDA GPU: this engine (Triton kernels, decode step replayed from a CUDA
+graph) against transformers (eager, sdpa, optionally static cache + torch.compile), in fp16, bf16 and fp32, on
+the DialoGPT-small and -medium shapes with seeded random weights.
+
+Every engine gets the same prompts and generates exactly --new-tokens tokens per row (end of text suppressed).
+Reported per engine: prefill ms, decode ms per step, tokens/s, peak GPU memory growth during one generate,
+agreement of the greedy ids with transformers sdpa in the same dtype, and the relative RMS error of its logits
+against transformers fp32. The batch-1 decode step is also given as a multiple of the weight-streaming bound:
+one fp16 GEMV over the weights a decode step reads, timed with CUDA events in the same run. The one-time cost
+of capturing this engine's decode graph is measured separately.
+
+    python benchmarks/bench_generation_cuda.py                           # a CUDA GPU, about 2 minutes
+    python benchmarks/bench_generation_cuda.py --smoke --out /tmp/smoke  # CPU, tiny config, seconds: what CI runs
+
+Writes generation-cuda-<device>.json and .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from benchmarks.bench_generation import (compile_cost_lines, compile_cost_s, compiled_transformers_engine,  # noqa: E402
+                                         logit_error)
+from gpt2.bench import (SIZES, Engine, agreement, decode_weight_floats, format_table, measure,  # noqa: E402
+                        peak_rss_growth_mb, random_prompts, reference_pair, this_engine, transformers_engine)
+from gpt2.config import GPT2Config  # noqa: E402
+from gpt2.decode_graph import StaticDecodeStep  # noqa: E402
+from gpt2.generation import prefill  # noqa: E402
+from gpt2.model import GPT2  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EXACT = "transformers sdpa fp32"  # whose logits every engine's error is measured against
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per engine, interleaved; medians reported")
+    p.add_argument("--compile", nargs="*", type=int, metavar="BATCH",
+                   help="add transformers static cache + torch.compile (fp16, mode reduce-overhead: CUDA graphs) for "
+                        "these batch sizes, all when none given; it compiles once per batch size")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny config, fp32 only, 3 tokens, one repeat (CI)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], [1, 2], 8, 3, 1
+        args.compile = None
+    return args
+
+
+# --- engines ---------------------------------------------------------------------------------------------------
+
+def without_graphs(engine: Engine) -> Engine:
+    """engine with the CUDA-graph decode turned off (GPT2_CUDA_GRAPHS=0 while it generates)."""
+
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        before = os.environ.get("GPT2_CUDA_GRAPHS")
+        os.environ["GPT2_CUDA_GRAPHS"] = "0"
+        try:
+            return engine.generate(prompts, n)
+        finally:
+            if before is None:
+                del os.environ["GPT2_CUDA_GRAPHS"]
+            else:
+                os.environ["GPT2_CUDA_GRAPHS"] = before
+
+    return Engine(f"{engine.name}, no graph", generate, engine.logits)
+
+
+def with_hf_logits(engine: Engine, hf_model: torch.nn.Module) -> Engine:
+    def logits(prompts: list[list[int]]) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf_model(torch.tensor(prompts, device=hf_model.device)).logits.float()  # (B, T, V)
+
+    return Engine(engine.name, engine.generate, logits)
+
+
+@dataclass
+class Engines:
+    all: list[Engine]
+    ours_fp16: GPT2 | None  # the models behind "this engine fp16" and "transformers sdpa fp16" (None in --smoke)
+    transformers_fp16: torch.nn.Module | None
+
+
+def build_engines(hf_model: torch.nn.Module, model: GPT2, device: str, smoke: bool) -> Engines:
+    """This engine and transformers in each dtype (fp32 only for the CPU smoke run)."""
+    engines, ours_fp16, hf_fp16 = [], None, None
+    for name in ["fp32"] if smoke else ["fp16", "bf16", "fp32"]:
+        dtype = DTYPES[name]
+        ours = copy.deepcopy(model).to(device, dtype)
+        engines.append(this_engine(ours, f"this engine {name}"))
+        hf = copy.deepcopy(hf_model).to(device, dtype)
+        if name == "fp16":
+            engines.append(without_graphs(engines[-1]))
+            torch_path = copy.deepcopy(ours)
+            torch_path.set_backend("torch")
+            engines.append(this_engine(torch_path, "this engine fp16, torch backend"))
+            ours_fp16, hf_fp16 = ours, hf
+        attns = ["eager", "sdpa"] if name == "fp16" else ["sdpa"]
+        engines += [with_hf_logits(transformers_engine(hf, attn, f"transformers {attn} {name}"), hf)
+                    for attn in attns]
+    return Engines(engines, ours_fp16, hf_fp16)
+
+
+# --- measurements ------------------------------------------------------------------------------------------------
+
+def cuda_ms(fn: Callable[[], object], repeats: int = 50) -> float:
+    """Median time of fn on the current stream, by CUDA events, after a warm-up."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def streaming_bound(config: GPT2Config) -> dict:
+    """One fp16 GEMV over a matrix the size of the weights a decode step reads (blocks + lm_head)."""
+    C = config.n_embd
+    rows = decode_weight_floats(config) // C
+    w = torch.randn(rows, C, device="cuda", dtype=torch.float16)
+    x = torch.randn(C, device="cuda", dtype=torch.float16)
+    ms = cuda_ms(lambda: torch.mv(w, x))
+    return {"gemv_ms": ms, "n_bytes": w.numel() * 2, "gb_per_s": w.numel() * 2 / (ms * 1e-3) / 1e9}
+
+
+def graph_capture_ms(model: GPT2, prompt: list[int]) -> dict:
+    """The first call of a CUDA-graph decode step (warm-up runs + capture + replay) against a later replay."""
+    cache = model.new_cache(1, len(prompt) + 64)
+    with torch.inference_mode():
+        prefill(model, cache, [prompt])
+        step = StaticDecodeStep(model, cache, use_graph=True)
+        token = torch.tensor([1], device=model.device)
+        start = time.perf_counter()
+        step(token)
+        torch.cuda.synchronize()
+        first = (time.perf_counter() - start) * 1e3
+        replays = []
+        for _ in range(20):
+            start = time.perf_counter()
+            step(token)
+            torch.cuda.synchronize()
+            replays.append((time.perf_counter() - start) * 1e3)
+    return {"first_call_ms": first, "replay_ms": statistics.median(replays)}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory above the level before fn: the CUDA allocator's on a GPU, resident memory on the CPU."""
+    if device != "cuda":
+        return peak_rss_growth_mb(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def reference_name(engine: str) -> str:
+    """The engine whose greedy ids engine's are compared with: transformers sdpa in the same dtype."""
+    dtype = next((d for d in DTYPES if engine.split(",")[0].endswith(d)), "fp32")
+    return f"transformers sdpa {dtype}"
+
+
+def run_size(size: str, args: argparse.Namespace, device: str) -> dict:
+    config = SIZES[size]
+    hf_model, model = reference_pair(config)
+    built = build_engines(hf_model, model, device, args.smoke)
+    engines = built.all
+    del hf_model, model
+    by_name = {e.name: e for e in engines}
+    result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head}}
+    error_prompts = random_prompts(4, args.prompt_len, config.vocab_size, seed=1)
+    exact = by_name[EXACT].logits(error_prompts)
+    result["logit_error"] = {e.name: logit_error(exact, e.logits(error_prompts)) for e in engines
+                             if e.logits is not None and e.name != EXACT and "no graph" not in e.name}
+    if device == "cuda":
+        result["bound"] = streaming_bound(config)
+        result["graph_capture"] = graph_capture_ms(built.ours_fp16, error_prompts[0])
+    result["runs"] = []
+    for batch in args.batch:
+        prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+        batch_engines = list(engines)
+        compile_s = None
+        if args.compile is not None and (not args.compile or batch in args.compile):
+            compiled = compiled_transformers_engine(built.transformers_fp16, batch, args.prompt_len + args.new_tokens,
+                                                    mode="reduce-overhead")
+            compiled.name = "transformers static+compile fp16"
+            try:
+                compile_s = compile_cost_s(compiled, prompts, args.new_tokens)
+                batch_engines.append(compiled)
+            except Exception as e:  # noqa: BLE001 - an optional engine that cannot run is reported, not fatal
+                result.setdefault("notes", []).append(f"transformers static+compile skipped ({size}, batch {batch}): "
+                                                      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        outputs = {e.name: e.generate(prompts, args.new_tokens) for e in batch_engines}  # warm-up; compared ids
+        timings = measure(batch_engines, prompts, args.new_tokens, args.repeats)
+        run: dict = {"batch": batch, "engines": {}}
+        for e in batch_engines:
+            t = timings[e.name]
+            ref = reference_name(e.name)
+            run["engines"][e.name] = {
+                "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms, "tokens_per_s": t.tokens_per_s,
+                "peak_memory_mb": peak_memory_mb(lambda e=e: e.generate(prompts, args.new_tokens), device),
+                "agreement": agreement(outputs[e.name], outputs[ref]), "agreement_with": ref,
+                "samples_s": {"one_token": t.one, "all_tokens": t.full}}
+        if compile_s is not None:
+            run["engines"]["transformers static+compile fp16"]["compile_s"] = compile_s
+        result["runs"].append(run)
+        print(f"{size} batch {batch}: done", file=sys.stderr, flush=True)
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "peak MB",
+              "agreement", "logit error"]
+    rows = []
+    for size, res in results["sizes"].items():
+        bound = res.get("bound", {}).get("gemv_ms")
+        for run in res["runs"]:
+            for name, e in run["engines"].items():
+                ratio = f"{e['decode_ms'] / bound:.1f}" if bound and run["batch"] == 1 else ""
+                err = res["logit_error"].get(name.removesuffix(", no graph"), {}).get("rel_rms")
+                rows.append([size, run["batch"], name, f"{e['prefill_ms']:.2f}", f"{e['decode_ms']:.3f}",
+                             f"{e['tokens_per_s']:.0f}", ratio, f"{e['peak_memory_mb']:.0f}", f"{e['agreement']:.2f}",
+                             "reference" if name == EXACT else f"{err:.1e}" if err is not None else ""])
+    return format_table(header, rows)
+
+
+def summary_lines(results: dict, args: argparse.Namespace) -> list[str]:
+    lines = [f"prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median of {args.repeats} "
+             "interleaved repeats; seeded random weights of the DialoGPT shapes",
+             "agreement: share of generated tokens matching transformers sdpa in the same dtype before a row's first "
+             f"divergence; logit error: relative RMS of the logits against {EXACT} over 4 prompts"]
+    for size, res in results["sizes"].items():
+        if "bound" in res:
+            b = res["bound"]
+            lines.append(f"{size}: weight-streaming bound {b['gemv_ms'] * 1e3:.0f} us = one fp16 GEMV over "
+                         f"{b['n_bytes'] / 1e6:.0f} MB ({b['gb_per_s']:.0f} GB/s); x bound: batch-1 decode step / it")
+        if "graph_capture" in res:
+            g = res["graph_capture"]
+            lines.append(f"{size}: this engine fp16 decode graph: first call (warm-up + capture + replay) "
+                         f"{g['first_call_ms']:.1f} ms, later calls {g['replay_ms']:.3f} ms (batch 1)")
+        lines += compile_cost_lines(size, res["runs"], "transformers static+compile fp16")
+        lines += res.get("notes", [])
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_generation_cuda: no CUDA GPU found (use --smoke for the CPU check, or "
+              "benchmarks/bench_generation.py for the CPU benchmark)", file=sys.stderr)
+        return 2
+    device = "cpu" if args.smoke else "cuda"
+    device_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
+    results: dict = {"device": device_name, "torch": torch.__version__, "sizes": {}}
+    try:
+        import transformers
+        import triton
+
+        results["transformers"], results["triton"] = transformers.__version__, triton.__version__
+    except ImportError as e:
+        print(f"bench_generation_cuda needs transformers and triton: {e}", file=sys.stderr)
+        return 2
+    for size in args.sizes:
+        results["sizes"][size] = run_size(size, args, device)
+    lines = summary_lines(results, args)
+    report = table(results)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"generation-cuda-{slug}.json").write_text(json.dumps(results, indent=1))
+    command = " ".join(["python benchmarks/bench_generation_cuda.py", *(argv if argv is not None else sys.argv[1:])])
+    (args.out / f"generation-cuda-{slug}.md").write_text("\n".join([
+        f"# Generation benchmark on {device_name}", "",
+        f"torch {results['torch']}, triton {results['triton']}, transformers {results['transformers']}. "
+        f"Command: `{command}`.", "",
+        report, "", *[f"- {line}" for line in lines], ""]))
+    print(report)
+    print()
+    print("\n".join(lines))
+    print(f"wrote generation-cuda-{slug}.json and .md to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

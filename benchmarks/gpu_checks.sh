@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything a lent CUDA machine is for, in one go: the test suite run natively on the GPU (Triton kernels
+# compiled, CUDA-graph capture), the kernel benchmark, the end-to-end generation benchmark, and the same at
+# batch 1 beside transformers + torch.compile. Each stage has its own time limit and log; a failing stage does
+# not stop the next. With ARCHIVE set, OUT_DIR is packed into that .tgz after every stage, so a run cut short
+# still returns what it finished. Run from the repository root:
+#     [ARCHIVE=path.tgz] bash benchmarks/gpu_checks.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: [ARCHIVE=path.tgz] bash benchmarks/gpu_checks.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, report its status and time
+    local name=$1 limit=$2 start=$SECONDS pid watchdog rc
+    shift 2
+    # Its own process group, ended whole at the limit: pytest's xdist workers outlived a plain `timeout` once
+    # and slowed the stages after it.
+    setsid "$@" >"$out/$name.log" 2>&1 &
+    pid=$!
+    (sleep "$limit"; kill -TERM -- "-$pid"; sleep 5; kill -KILL -- "-$pid") 2>/dev/null &
+    watchdog=$!
+    wait "$pid"
+    rc=$?
+    pkill -P "$watchdog" sleep 2>/dev/null
+    kill "$watchdog" 2>/dev/null
+    echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
+    if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" -C "$out" .; fi
+}
+
+# -v: each test's outcome is logged as it finishes, so a stage cut at its limit still names its failures.
+stage tests 200 python3 -m pytest -v -n 8 -p no:cacheprovider --timeout 160 -rfs
+grep -E "FAILED|ERROR" "$out/tests.log" | head -n 20
+tail -n 3 "$out/tests.log"
+stage kernels 110 sh -c 'python3 -m benchmarks.bench_kernels --save && cp benchmarks/results/kernels-* "$0"' "$out"
+stage generation 130 python3 benchmarks/bench_generation_cuda.py --out "$out"
+stage compiled 130 python3 benchmarks/bench_generation_cuda.py --sizes small medium --batch 1 --compile \
+    --out "$out/compiled"
+cat "$out/gpu.txt"
