@@ -83,3 +83,23 @@ def test_generation_through_the_pool_matches_plain_decoding(device, backend, mon
         monkeypatch.setattr("gpt2.generation.cuda_graphs_enabled", lambda model: True)
     assert [model.generate(prompts, max_new_tokens=8, eos_token_id=None) for prompts in calls] == expected
     assert len(model.decode_graphs) == 1  # one shape: one cache and step served every call
+
+
+def test_pool_keeps_its_caches_within_a_byte_budget():
+    model = GPT2(CONFIG).eval()
+    pool = model.decode_graphs
+    caches = {}
+    for batch in (1, 2):
+        with pool.lease(model, batch, 20) as (cache, _):
+            caches[batch] = cache
+    row_bytes = caches[1].k.nbytes + caches[1].v.nbytes  # one row of a cache
+    pool.MAX_BYTES = 5 * row_bytes  # this pool only
+    with pool.lease(model, 3, 20):
+        pass  # 1 + 2 + 3 rows exceed 5: the least recently used (1 row) goes
+    with pool.lease(model, 2, 20) as (cache, _):
+        assert cache is caches[2]
+    with pool.lease(model, 1, 20) as (cache, _):
+        assert cache is not caches[1]
+    with pool.lease(model, 6, 20):
+        pass  # over the budget alone: it is kept, and only it
+    assert len(pool) == 1
