@@ -94,7 +94,7 @@ def with_hf_logits(engine: Engine, hf_model: torch.nn.Module) -> Engine:
 
 @dataclass
 class Engines:
-    all: list[Engine]
+    engines: list[Engine]
     ours_fp16: GPT2 | None  # the models behind "this engine fp16" and "transformers sdpa fp16" (None in --smoke)
     transformers_fp16: torch.nn.Module | None
 
@@ -188,7 +188,7 @@ def run_size(size: str, args: argparse.Namespace, device: str) -> dict:
     config = SIZES[size]
     hf_model, model = reference_pair(config)
     built = build_engines(hf_model, model, device, args.smoke)
-    engines = built.all
+    engines = built.engines
     del hf_model, model
     by_name = {e.name: e for e in engines}
     result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head}}

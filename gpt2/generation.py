@@ -83,7 +83,7 @@ def generation_cache(model: GPT2, batch_size: int, max_len: int) -> Iterator[tup
             yield cache, step
     else:
         cache = model.new_cache(batch_size, max_len)
-        yield cache, partial(decode_one_token, model, cache)
+        yield cache, decoder_for(model, cache)
 
 
 @torch.inference_mode()
