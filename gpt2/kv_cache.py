@@ -54,6 +54,11 @@ class ForwardStep:
                 and all(n == self.chunk_len for n in self.n_new_host))
 
     @cached_property
+    def decode_slots(self) -> torch.Tensor:
+        """(B, 1, 1, 1) long: the slot each row's one new token goes to, for `KVCache.write`'s scatter."""
+        return self.q_start.long().view(-1, 1, 1, 1)
+
+    @cached_property
     def write_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, slots, chunk offsets) of the valid new tokens, each (N,), for ragged cache writes."""
         device = self.q_start.device
@@ -121,6 +126,13 @@ class KVCache:
             start = step.q_start_host[0]
             self.k[layer, :, :, start:start + step.chunk_len] = k
             self.v[layer, :, :, start:start + step.chunk_len] = v
+            return
+        if step.chunk_len == 1 and all(n == 1 for n in step.n_new_host):
+            # One token per row at its own slot (ragged or graph-captured decode): one scatter per buffer, where
+            # gather + index_put cost five kernels (index wrapping included) on a CUDA graph's critical path.
+            slots = step.decode_slots.expand(k.shape)  # (B, H, 1, D)
+            self.k[layer].scatter_(2, slots, k)
+            self.v[layer].scatter_(2, slots, v)
             return
         rows, slots, offsets = step.write_index
         self.k[layer][rows, :, slots] = k[rows, :, offsets]  # (N, H, D)
