@@ -35,9 +35,8 @@ import torch  # noqa: E402
 
 from benchmarks.bench_generation import (compile_cost_lines, compile_cost_s, compiled_transformers_engine,  # noqa: E402
                                          logit_error)
-from gpt2.bench import (SIZES, Engine, agreement, decode_weight_floats, format_table, measure,  # noqa: E402
+from gpt2.bench import (SIZES, CudaBoundProbe, Engine, agreement, format_table, measure,  # noqa: E402
                         peak_rss_growth_mb, random_prompts, reference_pair, this_engine, transformers_engine)
-from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.decode_graph import StaticDecodeStep  # noqa: E402
 from gpt2.generation import prefill  # noqa: E402
 from gpt2.model import GPT2  # noqa: E402
@@ -121,31 +120,6 @@ def build_engines(hf_model: torch.nn.Module, model: GPT2, device: str, smoke: bo
 
 # --- measurements ------------------------------------------------------------------------------------------------
 
-def cuda_ms(fn: Callable[[], object], repeats: int = 50) -> float:
-    """Median time of fn on the current stream, by CUDA events, after a warm-up."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
-
-
-def streaming_bound(config: GPT2Config) -> dict:
-    """One fp16 GEMV over a matrix the size of the weights a decode step reads (blocks + lm_head)."""
-    C = config.n_embd
-    rows = decode_weight_floats(config) // C
-    w = torch.randn(rows, C, device="cuda", dtype=torch.float16)
-    x = torch.randn(C, device="cuda", dtype=torch.float16)
-    ms = cuda_ms(lambda: torch.mv(w, x))
-    return {"gemv_ms": ms, "n_bytes": w.numel() * 2, "gb_per_s": w.numel() * 2 / (ms * 1e-3) / 1e9}
-
-
 def graph_capture_ms(model: GPT2, prompt: list[int]) -> dict:
     """The first call of a CUDA-graph decode step (warm-up runs + capture + replay) against a later replay."""
     cache = model.new_cache(1, len(prompt) + 64)
@@ -197,7 +171,9 @@ def run_size(size: str, args: argparse.Namespace, device: str) -> dict:
     result["logit_error"] = {e.name: logit_error(exact, e.logits(error_prompts)) for e in engines
                              if e.logits is not None and e.name != EXACT and "no graph" not in e.name}
     if device == "cuda":
-        result["bound"] = streaming_bound(config)
+        bound = CudaBoundProbe(config).result()
+        result["bound"] = {"gemv_ms": bound.gemv_ms, "n_bytes": bound.n_bytes,
+                           "gb_per_s": bound.n_bytes / (bound.gemv_ms * 1e-3) / 1e9}
         result["graph_capture"] = graph_capture_ms(built.ours_fp16, error_prompts[0])
     result["runs"] = []
     for batch in args.batch:

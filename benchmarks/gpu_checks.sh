@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent CUDA machine is for, in one go: the test suite run natively on the GPU (Triton kernels
-# compiled, CUDA-graph capture), the kernel benchmark, the end-to-end generation benchmark, and the same at
-# batch 1 beside transformers + torch.compile. Each stage has its own time limit and log; a failing stage does
+# compiled, CUDA-graph capture), the kernel benchmark, the end-to-end generation benchmark, `gpt2 bench
+# --device cuda`, and the generation benchmark at batch 1 beside transformers + torch.compile. Each stage has its own time limit and log; a failing stage does
 # not stop the next. With ARCHIVE set, OUT_DIR is packed into that .tgz after every stage, so a run cut short
 # still returns what it finished. Run from the repository root:
 #     [ARCHIVE=path.tgz] bash benchmarks/gpu_checks.sh OUT_DIR
@@ -36,6 +36,7 @@ grep -E "FAILED|ERROR" "$out/tests.log" | head -n 20
 tail -n 3 "$out/tests.log"
 stage kernels 110 sh -c 'python3 -m benchmarks.bench_kernels --save && cp benchmarks/results/kernels-* "$0"' "$out"
 stage generation 130 python3 benchmarks/bench_generation_cuda.py --out "$out"
+stage gpt2-bench 60 python3 -m gpt2.cli bench --device cuda --sizes small --no-progress
 stage compiled 130 python3 benchmarks/bench_generation_cuda.py --sizes small medium --batch 1 --compile \
     --out "$out/compiled"
 cat "$out/gpu.txt"

@@ -302,6 +302,42 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(samples)
 
 
+def cuda_ms(fn: Callable[[], object], repeats: int = 50) -> float:
+    """Median time of fn on the current CUDA stream, by CUDA events, after a warm-up."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+class CudaBoundProbe:
+    """The weight-streaming bound on a CUDA GPU: one fp16 GEMV (cuBLAS) over a matrix the size of the weights a
+    decode step reads, timed by CUDA events; the same interface as `BoundProbe`."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        C = config.n_embd
+        self._weight = torch.randn(decode_weight_floats(config) // C, C, device="cuda", dtype=torch.float16)
+        self._x = torch.randn(C, device="cuda", dtype=torch.float16)
+        self.n_bytes = self._weight.numel() * self._weight.element_size()
+        self.read_ms = cuda_ms(self._weight.view(-1).amax)
+        self.samples_ms: list[float] = []
+        self.sample()
+
+    def sample(self) -> None:
+        self.samples_ms.append(cuda_ms(lambda: torch.mv(self._weight, self._x)))
+
+    def result(self) -> StreamingBound:
+        return StreamingBound(self.n_bytes, statistics.median(self.samples_ms), "torch.mv fp16 (cuBLAS)",
+                              self.read_ms, list(self.samples_ms))
+
+
 def rss_bytes() -> int:
     """Resident memory of this process (Linux /proc; 0 where unavailable)."""
     try:
@@ -354,11 +390,21 @@ def format_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def cuda_engines(hf_model: torch.nn.Module | None, model: GPT2) -> list[Engine]:
+    """`gpt2 bench --device cuda`: this engine in fp16 (Triton kernels, CUDA-graph decode) and fp32, and
+    transformers sdpa fp16 when given, each moved to the GPU."""
+    engines = [this_engine(copy.deepcopy(model).to("cuda", torch.float16), "this engine fp16"),
+               this_engine(model.to("cuda"), "this engine fp32")]
+    if hf_model is not None:
+        engines.append(transformers_engine(hf_model.to("cuda", torch.float16), "sdpa", "transformers sdpa fp16"))
+    return engines
+
+
 def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
                 n_new: int = 16, repeats: int = 3, threads: int = 2, with_transformers: bool = True,
-                progress: bool = True) -> str:
-    """`gpt2 bench`: this engine fp32, int8 and packed bf16 (where the CPU has native bf16), and transformers sdpa
-    when importable, on seeded random weights.
+                progress: bool = True, device: str = "cpu") -> str:
+    """`gpt2 bench`: on the CPU this engine fp32, int8 and packed bf16 (where the CPU has native bf16); on CUDA this
+    engine fp16 and fp32 (`cuda_engines`); and transformers sdpa when importable, on seeded random weights.
 
     Returns the report (a markdown table and the weight-streaming bound per size).
     """
@@ -368,19 +414,21 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
 
     from .packed_linear import bf16_packing_available
 
+    on_gpu = device == "cuda"
     torch.set_num_threads(threads)
     with_transformers = with_transformers and importlib.util.find_spec("transformers") is not None
     sizes, batches = list(sizes), list(batches)
-    n_engines = 2 + bf16_packing_available() + with_transformers
+    n_engines = (2 if on_gpu else 2 + bf16_packing_available()) + with_transformers
     bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
                disable=not progress, leave=False)
     header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "agreement"]
     rows: list[list[object]] = []
-    notes = [f"torch {torch.__version__}, {threads} threads, fp32 unless named; prompt {prompt_len} tokens, "
-             f"{n_new} new greedy tokens, median of {repeats} interleaved repeats; seeded random weights"]
+    where = torch.cuda.get_device_name() if on_gpu else f"{threads} threads, fp32 unless named"
+    notes = [f"torch {torch.__version__}, {where}; prompt {prompt_len} tokens, {n_new} new greedy tokens, median of "
+             f"{repeats} interleaved repeats; seeded random weights"]
     if not with_transformers:
         notes.append("transformers not installed: this engine only (pip install 'dialogpt-engine[bench]')")
-    if not bf16_packing_available():
+    if not on_gpu and not bf16_packing_available():
         notes.append(BF16_SKIPPED)
     for size in sizes:
         config = SIZES[size]
@@ -388,10 +436,13 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
             hf_model, model = reference_pair(config)
         else:
             hf_model, model = None, random_model(config)
-        engines = [this_engine(model), *low_precision_engines(model)]
-        if hf_model is not None:
-            engines.append(transformers_engine(hf_model, "sdpa"))
-        probe = BoundProbe(config)
+        if on_gpu:
+            engines = cuda_engines(hf_model, model)
+        else:
+            engines = [this_engine(model), *low_precision_engines(model)]
+            if hf_model is not None:
+                engines.append(transformers_engine(hf_model, "sdpa"))
+        probe = CudaBoundProbe(config) if on_gpu else BoundProbe(config)
         size_rows = []
         for batch in batches:
             prompts = random_prompts(batch, prompt_len, config.vocab_size)
@@ -399,21 +450,22 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
             for engine in engines:  # warm-up, and the tokens compared below
                 outputs[engine.name] = engine.generate(prompts, n_new)
                 bar.update()
-            reference = outputs[engines[-1].name if hf_model is not None else engines[0].name]  # named in the notes
+            reference_name = engines[-1].name if hf_model is not None else engines[0].name
+            reference = outputs[reference_name]
             timings = measure(engines, prompts, n_new, repeats, progress=bar.update, bound=probe)
             size_rows += [(batch, engine.name, timings[engine.name], agreement(outputs[engine.name], reference))
                           for engine in engines]
         bound = probe.result()  # known once every batch has sampled it
         for batch, name, t, agree in size_rows:
             ratio = f"{t.decode_ms / bound.gemv_ms:.2f}" if batch == 1 else ""
-            rows.append([size, batch, name, f"{t.prefill_ms:.1f}", f"{t.decode_ms:.2f}", f"{t.tokens_per_s:.1f}",
-                         ratio, f"{agree:.2f}"])
-        notes.append(f"{size}: weight-streaming bound {bound.gemv_ms:.1f} ms ({bound.n_bytes / 1e6:.0f} MB fp32 via "
-                     f"{bound.gemv_kernel}, median of {len(bound.samples_ms)} samples taken between the repeats; "
-                     f"a plain read takes {bound.read_ms:.1f} ms)")
-        del probe  # its weight-sized matrix, before the next size allocates its own
+            decode = f"{t.decode_ms:.3f}" if on_gpu else f"{t.decode_ms:.2f}"  # sub-millisecond steps on a GPU
+            rows.append([size, batch, name, f"{t.prefill_ms:.1f}", decode, f"{t.tokens_per_s:.1f}", ratio,
+                         f"{agree:.2f}"])
+        notes.append(f"{size}: weight-streaming bound {bound.gemv_ms:.3f} ms ({bound.n_bytes / 1e6:.0f} MB "
+                     f"{'fp16' if on_gpu else 'fp32'} via {bound.gemv_kernel}, median of {len(bound.samples_ms)} "
+                     f"samples taken between the repeats; a plain read takes {bound.read_ms:.3f} ms)")
+        del probe, engines  # weight-sized matrices and models, before the next size allocates its own
     bar.close()
-    reference_name = "transformers sdpa" if with_transformers else "this engine"
     notes.append(f"agreement: share of generated tokens matching {reference_name} before the first divergence; "
                  "x bound: batch-1 decode step / weight-streaming bound")
     return format_table(header, rows) + "\n\n" + "\n".join(notes)

@@ -225,10 +225,11 @@ def _chat_loop(chat: Chat, interactive: bool) -> None:
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time generation on this machine (seeded random weights, no download)",
-                       description="Time this engine (fp32 and int8; transformers too when installed) on seeded "
-                                   "random weights of the DialoGPT shapes: prefill, decode per step, tokens/s, "
-                                   "against the machine's weight-streaming bound. The full comparison with "
-                                   "CTranslate2 and torch.compile is benchmarks/bench_generation.py.")
+                       description="Time this engine (CPU: fp32, int8, bf16; CUDA: fp16, fp32; transformers too when "
+                                   "installed) on seeded random weights of the DialoGPT shapes: prefill, decode per "
+                                   "step, tokens/s, against the machine's weight-streaming bound. The full "
+                                   "comparisons are benchmarks/bench_generation.py (CPU, with CTranslate2 and "
+                                   "torch.compile) and benchmarks/bench_generation_cuda.py.")
     p.add_argument("--sizes", nargs="+", choices=["tiny", "small", "medium"], default=["small"],
                    help="model shapes (default: small)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
@@ -236,6 +237,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per row (default: 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported (default: 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: fp32, int8 and bf16 paths; cuda: fp16 and fp32 with CUDA-graph decode (default: cpu)")
     p.add_argument("--no-transformers", dest="with_transformers", action="store_false",
                    help="skip transformers even if it is installed")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -249,8 +252,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("gpt2 bench: error: --new-tokens must be >= 2; --repeats, --prompt-len and --batch >= 1",
               file=sys.stderr)
         return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpt2 bench: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
     print(quick_bench(args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.threads,
-                      args.with_transformers, args.progress))
+                      args.with_transformers, args.progress, args.device))
     return 0
 
 

@@ -118,3 +118,9 @@ def test_bench_kernels_smoke():
     for kernel in ("layer_norm", "add_layer_norm", "bias_gelu", "prefill", "decode"):
         for dtype in ("fp16", "bf16", "fp32"):
             assert any(line.startswith(kernel + " ") and f" {dtype} " in line for line in run.stdout.splitlines())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpt2_bench_on_cuda_without_a_gpu_says_so(capsys):
+    assert main(["bench", "--device", "cuda", "--sizes", "tiny"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
