@@ -36,6 +36,10 @@ class TorchBackend:
 
     name = "torch"
 
+    def for_step(self, step: ForwardStep, rows: int, device: torch.device) -> TorchBackend:
+        """The backend to run a forward step of `rows` tokens with: this one."""
+        return self
+
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """x W^T + b for an nn.Linear, or the tied lm_head's nn.Embedding (no bias); other layers are called."""
         if not isinstance(layer, (nn.Linear, nn.Embedding)):
@@ -74,14 +78,30 @@ class TorchBackend:
 
 
 class TritonBackend(TorchBackend):
-    """This repo's Triton kernels (`kernels/`); on the CPU only under TRITON_INTERPRET=1."""
+    """This repo's Triton kernels (`kernels/`); on the CPU only under TRITON_INTERPRET=1.
+
+    On CUDA, a forward step run eagerly (not a captured decode step) of at most `eager_torch_max_rows` tokens
+    runs on torch's ops instead. There the GPU waits on the host, and a Triton launch costs the host more than
+    a torch one: measured on an H200 with 32-token prompts at batch 1, 8 and 32, prefill took 5.0-5.6 ms with
+    the kernels and 3.4-3.7 ms with torch's ops on DialoGPT-small (fp16), 8.9-9.8 and 6.0-6.5 ms on medium,
+    about 35 us more per Triton launch. Inside a captured decode step launches cost nothing and the kernels'
+    device time wins (small decode step 0.72 ms against 0.85 ms on torch's ops).
+    """
 
     name = "triton"
+    EAGER_TORCH_MAX_ROWS = 1024  # the largest chunk measured (32 rows x 32 tokens); larger ones keep the kernels
 
     def __init__(self) -> None:
         import kernels  # imported lazily: triton is only needed when this backend is chosen
 
         self.kernels = kernels
+        self.eager_torch_max_rows = self.EAGER_TORCH_MAX_ROWS
+        self._torch = TorchBackend()
+
+    def for_step(self, step: ForwardStep, rows: int, device: torch.device) -> TorchBackend:
+        """Torch's ops for a small eager step on CUDA (see the class docstring), else the kernels."""
+        small_eager = not step.position_independent and rows <= self.eager_torch_max_rows
+        return self._torch if device.type == "cuda" and small_eager else self
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.layer_norm(x, weight, bias, eps)

@@ -139,7 +139,7 @@ class GPT2(nn.Module):
         """
         B, T = input_ids.shape
         x = self.wte(input_ids) + self.wpe(step.positions)  # (B, T, C)
-        backend = self.backend
+        backend = self.backend.for_step(step, B * T, input_ids.device)
         first = self.h[0].ln_1
         normed = backend.layer_norm(x, first.weight, first.bias, first.eps)
         for i, block in enumerate(self.h):

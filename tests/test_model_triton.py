@@ -7,6 +7,7 @@ parity suite (both paths accumulate in fp32; differences are summation order).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from gpt2 import GPT2, GPT2Config  # noqa: E402
+from gpt2.kv_cache import ForwardStep  # noqa: E402
 
 FP32_ATOL = 1e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,6 +34,7 @@ def models() -> tuple[GPT2, GPT2]:
             p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
     triton_model = GPT2(CONFIG, backend="triton").to(DEVICE).eval()
     triton_model.load_state_dict(reference.state_dict())
+    triton_model.backend.eager_torch_max_rows = 0  # on CUDA, small eager steps would otherwise run torch's ops
     return reference, triton_model
 
 
@@ -66,6 +69,21 @@ def test_greedy_generation_matches_torch(models):
     prompts = [[1, 2, 3, 4, 5], [300, 301]]
     kwargs = dict(max_new_tokens=6, eos_token_id=None)
     assert triton_model.generate(prompts, **kwargs) == reference.generate(prompts, **kwargs)
+
+
+def test_small_eager_steps_on_cuda_run_torch_ops():
+    """The Triton backend hands a small eager step on CUDA to torch's ops; captured steps, large chunks and the
+    interpreter (the CPU) keep the kernels. Checked on step descriptions alone, so it runs without a GPU."""
+    from gpt2.backend import TritonBackend
+
+    backend = TritonBackend()
+    eager = ForwardStep.build([0, 0], [16, 16], 16, CONFIG.n_positions, "cpu")
+    captured = dataclasses.replace(eager, position_independent=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backend.for_step(eager, 32, cuda).name == "torch"
+    assert backend.for_step(eager, backend.EAGER_TORCH_MAX_ROWS + 1, cuda) is backend
+    assert backend.for_step(captured, 32, cuda) is backend
+    assert backend.for_step(eager, 32, cpu) is backend
 
 
 def test_triton_where_it_cannot_run_is_an_error(monkeypatch):
