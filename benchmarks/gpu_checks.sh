@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything a lent CUDA machine is for, in one go: the test suite run natively on the GPU (Triton kernels
 # compiled, CUDA-graph capture), the kernel benchmark, the end-to-end generation benchmark, `gpt2 bench
-# --device cuda`, and the generation benchmark at batch 1 beside transformers + torch.compile. Each stage has its own time limit and log; a failing stage does
-# not stop the next. With ARCHIVE set, OUT_DIR is packed into that .tgz after every stage, so a run cut short
-# still returns what it finished. The limits add up to 545 s, inside one 600 s device call. Run from the
-# repository root:
+# --device cuda`, and the generation benchmark at batch 1 beside transformers + torch.compile. Each stage has
+# its own time limit and log; a failing stage does not stop the next. With ARCHIVE set, OUT_DIR is packed into
+# that .tgz after every stage, so a run cut short still returns what it finished. The limits add up to 545 s,
+# inside one 600 s device call. Run from the repository root:
 #     [ARCHIVE=path.tgz] bash benchmarks/gpu_checks.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: [ARCHIVE=path.tgz] bash benchmarks/gpu_checks.sh OUT_DIR}
