@@ -198,13 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import kernels as K  # imported here: TRITON_INTERPRET must be settled first
+    import triton
 
     torch.manual_seed(0)
     if args.smoke:
         device, device_name, timer = "cpu", "cpu-interpreter", _cpu_timer
     else:
-        import triton
-
         device, device_name = "cuda", torch.cuda.get_device_name()
 
         def timer(fn: Callable) -> float:
@@ -235,16 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         path = RESULTS_DIR / f"kernels-{slug}.json"
-        import triton
-
         payload = {"device": device_name, "dtypes": args.dtype, "torch": torch.__version__,
                    "triton": triton.__version__, "copy_gbs": copy_gbs, "rows": [asdict(r) for r in rows]}
         path.write_text(json.dumps(payload, indent=2) + "\n")
         path.with_suffix(".md").write_text(
             f"# Kernel benchmark: {device_name}\n\ntorch {torch.__version__}, triton {triton.__version__}; "
             "`python -m benchmarks.bench_kernels --save`; times are medians of CUDA-graph replays "
-            f"(triton.testing.do_bench_cudagraph).\n\n```\n{report}\n```\n\n"
-            f"Device-to-device copy by a kernel: {copy_gbs:.0f} GB/s (read + write); % copy is ours as a share of it.\n")
+            f"(triton.testing.do_bench_cudagraph).\n\n```\n{report}\n```\n"
+            + (f"\nDevice-to-device copy by a kernel: {copy_gbs:.0f} GB/s (read + write); % copy is ours as a "
+               "share of it.\n" if copy_gbs else ""))
         print(f"wrote {path} and {path.with_suffix('.md').name}")
     return 0
 

@@ -442,6 +442,7 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
             engines = [this_engine(model), *low_precision_engines(model)]
             if hf_model is not None:
                 engines.append(transformers_engine(hf_model, "sdpa"))
+        reference_name = engines[-1].name if hf_model is not None else engines[0].name  # named in the notes
         probe = CudaBoundProbe(config) if on_gpu else BoundProbe(config)
         size_rows = []
         for batch in batches:
@@ -450,7 +451,6 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
             for engine in engines:  # warm-up, and the tokens compared below
                 outputs[engine.name] = engine.generate(prompts, n_new)
                 bar.update()
-            reference_name = engines[-1].name if hf_model is not None else engines[0].name
             reference = outputs[reference_name]
             timings = measure(engines, prompts, n_new, repeats, progress=bar.update, bound=probe)
             size_rows += [(batch, engine.name, timings[engine.name], agreement(outputs[engine.name], reference))

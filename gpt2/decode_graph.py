@@ -91,11 +91,11 @@ class DecodeGraphPool:
 
     Capturing a step costs two eager warm-up steps and the capture itself: on an H200, a DialoGPT-small
     generate of 32 tokens spent as long capturing as on 20 replayed steps, and its decode time per token
-    fell from 1.24 to 0.72 ms once calls reused their graph. A graph reads and writes its cache's buffers, so the pool keeps the caches too: one
-    per (batch size, cache length rounded up to LENGTH_BUCKET), the most recently used, at most MAX_ENTRIES
-    of them and MAX_BYTES of caches (beyond the one just used). A cache is lent to one call at a time (a
-    concurrent call of the same shape gets a new one). Moving or casting the model's weights, or changing
-    its backend, empties the pool; `clear()` frees it.
+    fell from 1.24 to 0.72 ms once calls reused their graph. A graph reads and writes its cache's buffers,
+    so the pool keeps the caches too: one per (batch size, cache length rounded up to LENGTH_BUCKET), the
+    most recently used, at most MAX_ENTRIES of them and MAX_BYTES of caches (beyond the one just used). A
+    cache is lent to one call at a time (a concurrent call of the same shape gets a new one). Moving or
+    casting the model's weights, or changing its backend, empties the pool; `clear()` frees it.
     """
 
     LENGTH_BUCKET = 128
