@@ -84,7 +84,7 @@ class TritonBackend(TorchBackend):
     runs on torch's ops instead. There the GPU waits on the host, and a Triton launch costs the host more than
     a torch one: measured on an H200 with 32-token prompts at batch 1, 8 and 32, prefill took 5.0-5.6 ms with
     the kernels and 3.4-3.7 ms with torch's ops on DialoGPT-small (fp16), 8.9-9.8 and 6.0-6.5 ms on medium,
-    about 35 us more per Triton launch. Inside a captured decode step launches cost nothing and the kernels'
+    26-37 us more per Triton launch. Inside a captured decode step launches cost nothing and the kernels'
     device time wins (small decode step 0.72 ms against 0.85 ms on torch's ops).
     """
 
