@@ -32,7 +32,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, report 
 }
 
 # -v: each test's outcome is logged as it finishes, so a stage cut at its limit still names its failures.
-stage tests 190 python3 -m pytest -v -n 8 -p no:cacheprovider --timeout 160 -rfs
+stage tests 190 env OMP_NUM_THREADS=2 python3 -m pytest -v -n 8 -p no:cacheprovider --timeout 160 -rfs
 grep -E "FAILED|ERROR" "$out/tests.log" | head -n 20
 tail -n 3 "$out/tests.log"
 stage kernels 80 sh -c 'python3 -m benchmarks.bench_kernels --save && cp benchmarks/results/kernels-* "$0"' "$out"

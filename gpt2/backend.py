@@ -138,6 +138,10 @@ def select_backend(name: str | None, device: torch.device | str) -> TorchBackend
             "or TRITON_INTERPRET=1 set before triton is imported (slow; for tests)"
         )
     try:
-        return TritonBackend()
+        backend = TritonBackend()
     except ImportError as e:
         raise ValueError(f"backend 'triton' is unavailable: {e}") from None
+    problem = None if device.type == "cuda" else backend.kernels.interpreter_problem()
+    if problem:
+        raise ValueError(f"backend 'triton' cannot run on device {device.type!r}: {problem}")
+    return backend

@@ -9,6 +9,7 @@ the model package.
 from .attention_decode import attention_decode, attention_decode_reference
 from .attention_prefill import attention_prefill, attention_prefill_reference
 from .bias_gelu import bias_gelu, bias_gelu_reference
+from .interpreter import interpreter_problem
 from .layer_norm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "attention_prefill_reference",
     "bias_gelu",
     "bias_gelu_reference",
+    "interpreter_problem",
     "layer_norm",
     "layer_norm_reference",
 ]

@@ -56,6 +56,10 @@ _from_repo(gpt2, "gpt2")
 _from_repo(kernels, "kernels")
 if not torch.cuda.is_available():
     _kernels_interpreted()
+    if kernels.interpreter_problem():
+        raise pytest.UsageError(
+            f"no GPU, so the Triton kernels are tested interpreted, but {kernels.interpreter_problem()}"
+        )
 
 TINY = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
 

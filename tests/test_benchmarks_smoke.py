@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from gpt2.bench import Timing, agreement, format_table
 from gpt2.cli import main
 from gpt2.packed_linear import bf16_packing_available
@@ -110,8 +111,13 @@ def test_bench_generation_cuda_smoke(tmp_path):
     assert "| this engine fp32 " in run.stdout
 
 
+@pytest.mark.skipif(bool(kernels.interpreter_problem()), reason=str(kernels.interpreter_problem()))
 def test_bench_kernels_smoke():
-    """Every kernel case once, tiny shapes, under the Triton interpreter (what the GPU run times)."""
+    """Every kernel case once, tiny shapes, under the Triton interpreter (what the GPU run times).
+
+    Skipped only on a GPU machine whose Triton interpreter cannot run the kernels (without a GPU conftest
+    stops the whole run for that); the GPU run benchmarks them compiled.
+    """
     run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", "--smoke"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -94,3 +94,22 @@ def test_triton_where_it_cannot_run_is_an_error(monkeypatch):
         select_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         select_backend("cuda-magic", "cpu")
+
+
+def test_triton_on_an_interpreter_that_cannot_run_the_kernels_is_an_error(monkeypatch):
+    """Triton < 3.7 with numpy >= 2.4 fails inside the kernels' loops; the backend says so up front."""
+    from types import SimpleNamespace
+
+    from gpt2.backend import select_backend
+    from kernels import interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(interpreter, "_numpy_refuses_int_of_array", lambda: True)
+    monkeypatch.setattr(interpreter, "triton", SimpleNamespace(__version__="3.6.0"))
+    with pytest.raises(ValueError, match=r"cannot run on device 'cpu': the Triton 3\.6\.0 interpreter .*triton>=3\.7"):
+        select_backend("triton", "cpu")
+    monkeypatch.setattr(interpreter, "triton", SimpleNamespace(__version__="3.7.0+git1234"))
+    assert interpreter.interpreter_problem() is None
+    monkeypatch.setattr(interpreter, "triton", SimpleNamespace(__version__="3.6.0"))
+    monkeypatch.setattr(interpreter, "_numpy_refuses_int_of_array", lambda: False)
+    assert interpreter.interpreter_problem() is None
