@@ -59,6 +59,39 @@ class ForwardStep:
         return self.q_start.long().view(-1, 1, 1, 1)
 
     @cached_property
+    def last_offsets(self) -> torch.Tensor:
+        """(B,) long: each row's last new token within the chunk (0 for a row with none)."""
+        return torch.tensor([max(n - 1, 0) for n in self.n_new_host], device=self.q_start.device)
+
+    def last_new_token(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x (B, ..., T, ...) cut to each row's last new token along dim, which stays with size 1."""
+        T = self.chunk_len
+        if all(n == T for n in self.n_new_host):
+            return x.narrow(dim, T - 1, 1)
+        index_shape = [1] * x.dim()
+        index_shape[0] = -1
+        return torch.take_along_dim(x, self.last_offsets.view(index_shape), dim)
+
+    @cached_property
+    def last_tokens(self) -> ForwardStep:
+        """This chunk seen from each row's last new token alone: one query per row over the same keys.
+
+        A prefill that only needs the output at each row's last token runs its last block's attention and MLP
+        on that token alone (see `GPT2.forward_step`); the keys and values it attends over are the whole chunk's.
+        """
+        offsets = [max(n - 1, 0) for n in self.n_new_host]
+        q_start_host = [s + o for s, o in zip(self.q_start_host, offsets)]
+        return ForwardStep(
+            q_start=torch.tensor(q_start_host, dtype=torch.int32, device=self.q_start.device),
+            kv_len=self.kv_len,
+            positions=self.last_new_token(self.positions, 1),  # (B, 1)
+            kv_span=self.kv_span,
+            q_start_host=q_start_host,
+            n_new_host=[min(n, 1) for n in self.n_new_host],
+            chunk_len=1,
+        )
+
+    @cached_property
     def write_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, slots, chunk offsets) of the valid new tokens, each (N,), for ragged cache writes."""
         device = self.q_start.device

@@ -29,15 +29,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor, step: ForwardStep, cache: KVCache | None,
-                backend: TorchBackend) -> torch.Tensor:
+                backend: TorchBackend, last_token_only: bool = False) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with last_token_only, (B, 1, C) at each row's last new token, whose query
+        alone attends (the keys and values of the whole chunk are still computed and cached)."""
         B, T, C = x.shape
         qkv = backend.linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
             cache.write(self.layer, k, v, step)
             k, v = cache.keys_values(self.layer, step)  # each (B, nh, S, hs)
-        y = backend.attention(q, k, v, step)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        if last_token_only:
+            q, step = step.last_new_token(q, 2), step.last_tokens  # q (B, nh, 1, hs)
+        y = backend.attention(q, k, v, step)  # (B, nh, T or 1, hs)
+        y = y.transpose(1, 2).reshape(B, q.shape[2], C)
         return backend.linear(y, self.c_proj)
 
 
@@ -60,13 +64,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, residual: torch.Tensor, normed: torch.Tensor, next_norm: nn.LayerNorm, step: ForwardStep,
-                cache: KVCache | None, backend: TorchBackend) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache | None, backend: TorchBackend,
+                last_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-LN block on the residual stream h, given normed = ln_1(h); returns (h', next_norm(h')).
 
         Each residual add is fused with the LayerNorm that follows it (ln_2 here, then the next block's
-        ln_1 or ln_f), so the stream is read once per add.
+        ln_1 or ln_f), so the stream is read once per add. last_token_only: h' only at each row's last new
+        token, (B, 1, C) (see `CausalSelfAttention.forward`).
         """
-        attn_out = self.attn(normed, step, cache, backend)
+        attn_out = self.attn(normed, step, cache, backend, last_token_only)
+        if last_token_only:
+            residual = step.last_new_token(residual, 1)  # (B, 1, C)
         residual, normed = backend.add_layer_norm(attn_out, residual, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
         mlp_out = self.mlp(normed, backend)
         return backend.add_layer_norm(mlp_out, residual, next_norm.weight, next_norm.bias, next_norm.eps)
@@ -142,15 +150,14 @@ class GPT2(nn.Module):
         backend = self.backend.for_step(step, B * T, input_ids.device)
         first = self.h[0].ln_1
         normed = backend.layer_norm(x, first.weight, first.bias, first.eps)
+        # Only the last tokens' outputs are wanted: the last block's attention and MLP run on those alone
+        # (one layer's c_proj and MLP, 3/4 of its weights' work, saved over the rest of a prompt).
         for i, block in enumerate(self.h):
             next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            x, normed = block(x, normed, next_norm, step, cache, backend)
+            last_token_only = last_only and T > 1 and i + 1 == len(self.h)
+            x, normed = block(x, normed, next_norm, step, cache, backend, last_token_only)
         if last_only:
-            if all(n == T for n in step.n_new_host):
-                normed = normed[:, -1]  # (B, C)
-            else:
-                last = torch.tensor([max(n - 1, 0) for n in step.n_new_host], device=normed.device)
-                normed = normed[torch.arange(B, device=normed.device), last]  # (B, C)
+            normed = normed[:, -1]  # (B, C): the last block left one token per row
         if hidden_only:
             return normed  # (B, [T,] C)
         return self.project(normed)

@@ -86,6 +86,27 @@ def test_chunked_prefill_continues_a_cache(pair):
         assert (logits[i, :n] - full).abs().max().item() <= FP32_ATOL, f"row {i}"
 
 
+@torch.inference_mode()
+def test_last_only_chunk_caches_every_token(pair):
+    """With last_only the last block attends from each row's last new token alone; its keys and values must
+    still be cached for the whole chunk (the next decode step reads them). A row adding nothing is ignored."""
+    _, model = pair
+    first, second = prompts([10, 4, 6]), prompts([3, 0, 8], seed=3)
+    cache = model.new_cache(3, 24)
+    model(torch.tensor([first[0], first[1] + [0] * 6, first[2] + [0] * 4]), cache=cache, n_new=[10, 4, 6],
+          last_only=True)
+    chunk = torch.tensor([second[0] + [0] * 5, [0] * 8, second[2]])
+    last = model(chunk, cache=cache, n_new=[3, 0, 8], last_only=True)  # (B, V)
+    following = [7, 8, 9]
+    step = model(torch.tensor(following)[:, None], cache=cache, last_only=True)  # (B, V)
+    for i in (0, 1, 2):
+        history = first[i] + second[i]
+        if second[i]:
+            assert (last[i] - model(torch.tensor([history]))[0, -1]).abs().max().item() <= FP32_ATOL, f"row {i}"
+        full = model(torch.tensor([history + [following[i]]]))[0, -1]
+        assert (step[i] - full).abs().max().item() <= FP32_ATOL, f"row {i}, next step"
+
+
 def reference_greedy(reference, prompt: list[int], n: int, **kwargs) -> list[int]:
     out = reference.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=50256,
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
