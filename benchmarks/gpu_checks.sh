@@ -8,7 +8,12 @@
 # repository root:
 #     [ARCHIVE=path.tgz] [STAGES="tests generation"] bash benchmarks/gpu_checks.sh OUT_DIR
 set -uo pipefail
-out=${1:?usage: [ARCHIVE=path.tgz] bash benchmarks/gpu_checks.sh OUT_DIR}
+out=${1:?usage: [ARCHIVE=path.tgz] [STAGES="..."] bash benchmarks/gpu_checks.sh OUT_DIR}
+# A lent machine can come back with an earlier lease's files: results must not mix with another run's.
+if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    echo "gpu_checks.sh: $out is not empty (an earlier run's results?); give a new or empty directory" >&2
+    exit 2
+fi
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
