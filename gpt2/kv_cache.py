@@ -59,9 +59,14 @@ class ForwardStep:
         return self.q_start.long().view(-1, 1, 1, 1)
 
     @cached_property
+    def last_offsets_host(self) -> list[int]:
+        """Each row's last new token within the chunk (0 for a row with none)."""
+        return [max(n - 1, 0) for n in self.n_new_host]
+
+    @cached_property
     def last_offsets(self) -> torch.Tensor:
-        """(B,) long: each row's last new token within the chunk (0 for a row with none)."""
-        return torch.tensor([max(n - 1, 0) for n in self.n_new_host], device=self.q_start.device)
+        """(B,) long: `last_offsets_host` on the device."""
+        return torch.tensor(self.last_offsets_host, device=self.q_start.device)
 
     def last_new_token(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """x (B, ..., T, ...) cut to each row's last new token along dim, which stays with size 1."""
@@ -79,8 +84,7 @@ class ForwardStep:
         A prefill that only needs the output at each row's last token runs its last block's attention and MLP
         on that token alone (see `GPT2.forward_step`); the keys and values it attends over are the whole chunk's.
         """
-        offsets = [max(n - 1, 0) for n in self.n_new_host]
-        q_start_host = [s + o for s, o in zip(self.q_start_host, offsets)]
+        q_start_host = [s + o for s, o in zip(self.q_start_host, self.last_offsets_host)]
         return ForwardStep(
             q_start=torch.tensor(q_start_host, dtype=torch.int32, device=self.q_start.device),
             kv_len=self.kv_len,

@@ -123,7 +123,7 @@ class GPT2(nn.Module):
         input_ids (B, T). Without a cache: a fresh causal forward, returns (B, T, vocab).
         With a cache: row b appends its first n_new[b] tokens (default T) at the positions after what it
         holds; the rest of the row is padding. last_only returns (B, vocab) at each row's last new token
-        (rows with n_new 0 get the logits of their last padded slot, to be ignored). hidden_only returns the
+        (rows with n_new 0 get the logits of a padded slot, to be ignored). hidden_only returns the
         final-LayerNorm states (..., n_embd) instead of logits, for callers that project only some positions.
         """
         B, T = input_ids.shape

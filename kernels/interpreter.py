@@ -9,6 +9,8 @@ kernel. Compiled kernels on a GPU are not affected.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import triton
 
@@ -20,10 +22,12 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def _numpy_refuses_int_of_array() -> bool:
-    try:
-        int(np.ones(1))
-    except TypeError:
-        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 1.25-2.3 warn before refusing in 2.4
+        try:
+            int(np.ones(1))
+        except TypeError:
+            return True
     return False
 
 
