@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_gemv
 from .kv_cache import ForwardStep
 
 BACKENDS = ("torch", "triton")
@@ -45,6 +46,8 @@ class TorchBackend:
         if not isinstance(layer, (nn.Linear, nn.Embedding)):
             return layer(x)  # a quantized or packed layer (gpt2.quantize, gpt2.packed_linear) computes itself
         weight, bias = layer.weight, getattr(layer, "bias", None)
+        if cpu_gemv.applies(x, weight, bias):  # one fp32 row on the CPU: the decode matmul (see gpt2.cpu_gemv)
+            return cpu_gemv.gemv(x, weight, bias)
         if _use_onednn(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)

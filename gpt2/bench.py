@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_gemv
 from .config import GPT2Config
 from .huge_pages import huge_page_copy, huge_page_weights
 from .model import GPT2
@@ -428,6 +429,8 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
              f"{repeats} interleaved repeats; seeded random weights"]
     if not with_transformers:
         notes.append("transformers not installed: this engine only (pip install 'dialogpt-engine[bench]')")
+    if not on_gpu:
+        notes.append(f"this engine's {cpu_gemv.status()}")  # built before the timings, if at all
     if not on_gpu and not bf16_packing_available():
         notes.append(BF16_SKIPPED)
     for size in sizes:
