@@ -47,17 +47,21 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     library = engine_cache_dir() / "kernels" / f"gemv_f32-{key}.so"
     seconds = 0.0
-    if not library.exists():
-        start = time.perf_counter()
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-            built = Path(scratch) / library.name
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if run.returncode != 0:
-                return None, f"compiling {SOURCE.name} with {compiler} failed: {run.stderr.strip()[-500:]}", 0.0
-            os.replace(built, library)  # atomic: a process loading it meanwhile sees the whole file or none
-        seconds = time.perf_counter() - start
-    lib = ctypes.CDLL(str(library))
+    try:
+        if not library.exists():
+            start = time.perf_counter()
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+                built = Path(scratch) / library.name
+                run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                                     text=True)
+                if run.returncode != 0:
+                    return None, f"compiling {SOURCE.name} with {compiler} failed: {run.stderr.strip()[-500:]}", 0.0
+                os.replace(built, library)  # atomic: a process loading it meanwhile sees the whole file or none
+            seconds = time.perf_counter() - start
+        lib = ctypes.CDLL(str(library))
+    except OSError as e:  # an unwritable cache, a library that will not load
+        return None, f"cannot build or load {library}: {e}", 0.0
     lib.gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
     lib.gemv_f32.restype = None
     return lib, None, seconds

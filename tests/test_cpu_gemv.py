@@ -81,3 +81,12 @@ def test_built_once_then_loaded_from_the_cache(fresh_build):
     cpu_gemv._load.cache_clear()
     assert cpu_gemv.unavailable_reason() is None
     assert cpu_gemv.compile_seconds() == 0.0
+
+
+@needs_kernel
+def test_unwritable_cache_is_reported(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("GPT2_ENGINE_CACHE", str(blocker))
+    assert "cannot build or load" in cpu_gemv.unavailable_reason()
+    assert not cpu_gemv.applies(torch.randn(1, 32), torch.randn(64, 32), None)  # oneDNN then, no error
