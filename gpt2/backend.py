@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_gemv
+from . import small_batch_matmul
 from .kv_cache import ForwardStep
 
 BACKENDS = ("torch", "triton")
@@ -46,8 +46,8 @@ class TorchBackend:
         if not isinstance(layer, (nn.Linear, nn.Embedding)):
             return layer(x)  # a quantized or packed layer (gpt2.quantize, gpt2.packed_linear) computes itself
         weight, bias = layer.weight, getattr(layer, "bias", None)
-        if cpu_gemv.applies(x, weight, bias):  # one fp32 row on the CPU: the decode matmul (see gpt2.cpu_gemv)
-            return cpu_gemv.gemv(x, weight, bias)
+        if small_batch_matmul.applies(x, weight, bias):  # 1-8 fp32 rows on the CPU: a decode step's matmul
+            return small_batch_matmul.matmul(x, weight, bias)
         if _use_onednn(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
@@ -63,10 +63,13 @@ class TorchBackend:
     def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         # gelu_new(x W^T + b): the tanh approximation is GPT-2's gelu_new formula. oneDNN can fuse it into the
         # matmul, which pays from 8 rows on (DialoGPT-small c_fc at 256 rows: 6.2 ms vs 7.2 ms) but slows the
-        # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate.
-        # A packed bf16 layer fuses it at every row count (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
+        # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate, as do
+        # the 1-8 rows the small-batch kernel takes. A packed bf16 layer fuses it at every row count
+        # (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
         if hasattr(layer, "forward_gelu"):
             return layer.forward_gelu(x)
+        if isinstance(layer, nn.Linear) and small_batch_matmul.applies(x, layer.weight, layer.bias):
+            return F.gelu(small_batch_matmul.matmul(x, layer.weight, layer.bias), approximate="tanh")
         rows = x.numel() // x.shape[-1]
         if rows > 1 and isinstance(layer, nn.Linear) and _use_onednn(x, layer.weight):
             return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "tanh")
