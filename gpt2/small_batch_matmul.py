@@ -8,8 +8,8 @@ weight row). All DialoGPT-small decode matmuls in sequence (494 MB, cold; 2 thre
 interleaved):
 
     input rows      1          2          4          8
-    oneDNN          17.5 ms    21.0 ms    23.4 ms    28.1 ms
-    this kernel     14.5 ms    15.1 ms    19.0 ms    23.7 ms
+    oneDNN          18.2 ms    22.1 ms    24.9 ms    28.1 ms
+    this kernel     15.2 ms    16.1 ms    19.7 ms    23.7 ms
 
 (a plain max-reduction over the same bytes: about 14 ms). Above 8 rows oneDNN's GEMM is used.
 
