@@ -4,14 +4,14 @@ A decode step at batch b reads every weight once for b rows, so up to a few rows
 fast they stream the weights. Torch's fastest route on the AMD EPYC (Zen 4) this engine is tuned on is oneDNN,
 which runs one row as `brg_matmul:avx2` (`ONEDNN_VERBOSE=1`); MKL streams at half its speed on AMD.
 `small_batch_matmul_f32.c` walks a block of weight rows at once with one AVX-512 accumulator per (input row,
-weight row). All DialoGPT-small decode matmuls in sequence (494 MB, cold; 2 threads, fastest of 5
-interleaved):
+weight row), prefetching each row's stream ahead. All DialoGPT-small decode matmuls in sequence (494 MB,
+cold; 2 threads, fastest of 5 interleaved, in a quiet minute of a machine whose bandwidth drifts 1.5x):
 
     input rows      1          2          4          8
-    oneDNN          18.2 ms    22.1 ms    24.9 ms    28.1 ms
-    this kernel     15.2 ms    16.1 ms    19.7 ms    23.7 ms
+    oneDNN          15.1 ms    22.6 ms    25.0 ms    29.4 ms
+    this kernel     10.0 ms    11.2 ms    16.5 ms    21.5 ms
 
-(a plain max-reduction over the same bytes: about 14 ms). Above 8 rows oneDNN's GEMM is used.
+(a plain max-reduction over the same bytes: 8.5 ms). Above 8 rows oneDNN's GEMM is used.
 
 The kernel is compiled on first use (`cc -O3 -mavx512f -mfma -fopenmp`, about 0.4 s) into the engine cache
 ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine) and loaded with ctypes; its OpenMP runtime is the libgomp

@@ -10,6 +10,10 @@
 #include <immintrin.h>
 
 #define X_ROWS_PER_PASS 4 /* input rows per pass over a block of W: 4 x 4 accumulators */
+/* Each W row's stream is prefetched 1 KiB ahead into L2 (_MM_HINT_T2; past a row's end it touches the next
+ * row, past W's end nothing faults). All DialoGPT decode matmuls at one input row, Zen 4: 5-9% faster than
+ * without (small 16.9 vs 18.4 ms, medium 29.2 vs 32.1 ms); 256 and 512 floats ahead measured alike, T0 slower. */
+#define PREFETCH_AHEAD 256
 
 /* Y[j, i] = X[j] . w[i] + b[i] for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
 static inline __attribute__((always_inline)) void block(const float *w, const float *X, const float *b, float *Y,
@@ -18,7 +22,10 @@ static inline __attribute__((always_inline)) void block(const float *w, const fl
     for (long j = 0; j < n_w * n_x; j++) acc[j] = _mm512_setzero_ps();
     for (long k = 0; k < cols; k += 16) {
         __m512 wk[16];
-        for (long i = 0; i < n_w; i++) wk[i] = _mm512_loadu_ps(w + i * cols + k);
+        for (long i = 0; i < n_w; i++) {
+            _mm_prefetch((const char *)(w + i * cols + k + PREFETCH_AHEAD), _MM_HINT_T2);
+            wk[i] = _mm512_loadu_ps(w + i * cols + k);
+        }
         for (long j = 0; j < n_x; j++) {
             const __m512 xk = _mm512_loadu_ps(X + j * cols + k);
             for (long i = 0; i < n_w; i++) acc[j * n_w + i] = _mm512_fmadd_ps(wk[i], xk, acc[j * n_w + i]);
