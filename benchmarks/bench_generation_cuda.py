@@ -186,14 +186,14 @@ def run_size(size: str, args: argparse.Namespace, device: str) -> dict:
         batch_engines = list(engines)
         compile_s = held_mb = None
         if args.compile is not None and (not args.compile or batch in args.compile):
-            held_before = torch.cuda.memory_allocated() if device == "cuda" else 0
+            held_before = torch.cuda.memory_allocated()  # --compile runs on a GPU only (--smoke drops it)
             compiled = compiled_transformers_engine(built.transformers_fp16, batch, args.prompt_len + args.new_tokens,
                                                     mode="reduce-overhead")
             compiled.name = "transformers static+compile fp16"
             try:
                 compile_s = compile_cost_s(compiled, prompts, args.new_tokens)
                 # Its StaticCache and CUDA graphs stay allocated between calls, out of a call's own peak.
-                held_mb = ((torch.cuda.memory_allocated() if device == "cuda" else 0) - held_before) / 2**20
+                held_mb = (torch.cuda.memory_allocated() - held_before) / 2**20
                 batch_engines.append(compiled)
             except Exception as e:  # noqa: BLE001 - an optional engine that cannot run is reported, not fatal
                 result.setdefault("notes", []).append(f"transformers static+compile skipped ({size}, batch {batch}): "

@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     import kernels as K  # imported here: TRITON_INTERPRET must be settled first
     import triton
 
-    if args.smoke and K.interpreter_problem():
-        print(f"bench_kernels --smoke: {K.interpreter_problem()}", file=sys.stderr)
+    problem = K.interpreter_problem() if args.smoke else None
+    if problem:
+        print(f"bench_kernels --smoke: {problem}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     if args.smoke:

@@ -48,10 +48,14 @@ class ForwardStep:
         )
 
     @cached_property
+    def every_row_full(self) -> bool:
+        """Every row adds a whole chunk of new tokens (no right padding)."""
+        return all(n == self.chunk_len for n in self.n_new_host)
+
+    @cached_property
     def dense(self) -> bool:
         """Every row starts at the same position and fills the whole chunk (no padding, no raggedness)."""
-        return (not self.position_independent and len(set(self.q_start_host)) == 1
-                and all(n == self.chunk_len for n in self.n_new_host))
+        return not self.position_independent and len(set(self.q_start_host)) == 1 and self.every_row_full
 
     @cached_property
     def decode_slots(self) -> torch.Tensor:
@@ -70,9 +74,8 @@ class ForwardStep:
 
     def last_new_token(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """x (B, ..., T, ...) cut to each row's last new token along dim, which stays with size 1."""
-        T = self.chunk_len
-        if all(n == T for n in self.n_new_host):
-            return x.narrow(dim, T - 1, 1)
+        if self.every_row_full:
+            return x.narrow(dim, self.chunk_len - 1, 1)
         index_shape = [1] * x.dim()
         index_shape[0] = -1
         return torch.take_along_dim(x, self.last_offsets.view(index_shape), dim)
@@ -100,7 +103,7 @@ class ForwardStep:
         """(rows, slots, chunk offsets) of the valid new tokens, each (N,), for ragged cache writes."""
         device = self.q_start.device
         B, T = len(self.n_new_host), self.chunk_len
-        if all(n == T for n in self.n_new_host):  # every token valid: no data-dependent nonzero()
+        if self.every_row_full:  # every token valid: no data-dependent nonzero()
             rows = torch.arange(B, device=device).repeat_interleave(T)  # (B*T,)
             offsets = torch.arange(T, device=device).repeat(B)
         else:
@@ -164,7 +167,7 @@ class KVCache:
             self.k[layer, :, :, start:start + step.chunk_len] = k
             self.v[layer, :, :, start:start + step.chunk_len] = v
             return
-        if step.chunk_len == 1 and all(n == 1 for n in step.n_new_host):
+        if step.chunk_len == 1 and step.every_row_full:
             # One token per row at its own slot (ragged or graph-captured decode): one scatter per buffer, where
             # a gather and an index_put_ took at least two kernels per buffer in the captured decode step.
             slots = step.decode_slots.expand(k.shape)  # (B, H, 1, D)

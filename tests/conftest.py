@@ -56,10 +56,9 @@ _from_repo(gpt2, "gpt2")
 _from_repo(kernels, "kernels")
 if not torch.cuda.is_available():
     _kernels_interpreted()
-    if kernels.interpreter_problem():
-        raise pytest.UsageError(
-            f"no GPU, so the Triton kernels are tested interpreted, but {kernels.interpreter_problem()}"
-        )
+    _problem = kernels.interpreter_problem()
+    if _problem:
+        raise pytest.UsageError(f"no GPU, so the Triton kernels are tested interpreted, but {_problem}")
 
 TINY = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
 
