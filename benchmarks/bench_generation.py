@@ -35,7 +35,7 @@ from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
 from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, cpu_times, format_table,  # noqa: E402
                         low_precision_engines, measure, other_cores, peak_rss_growth_mb, random_prompts,
                         reference_pair, this_engine, transformers_engine, wait_for_quiet)
-from gpt2 import small_batch_matmul  # noqa: E402
+from gpt2 import cpu_kernels  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.packed_linear import bf16_packing_available  # noqa: E402
 
@@ -74,7 +74,7 @@ def machine() -> dict[str, object]:
     versions = {name: _version(name) for name in ("transformers", "ctranslate2")}
     return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__, **versions,
             "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_kernel": small_batch_matmul.status()}
+            "cpu_kernels": cpu_kernels.status()}
 
 
 def _version(module: str) -> str | None:
@@ -288,7 +288,7 @@ def markdown(results: dict, lines: list[str]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}; {versions}; "
         f"Python {m['python']}; {results['threads']} threads for every engine.",
         f"Other processes used {results['other_processes_cores']:.2f} cores on average during the run.",
-        f"This engine's {m['cpu_kernel']}.", "",
+        f"This engine's {m['cpu_kernels']}.", "",
         "Command: `python benchmarks/bench_generation.py` (defaults). Plot: `generation.png`; every sample: "
         "`generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
 

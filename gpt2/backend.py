@@ -1,7 +1,8 @@
 """The one dispatch point between the model and its fused operations: plain torch, or this repo's Triton kernels.
 
 The model calls its linear layers, LayerNorm, residual-add + LayerNorm, the MLP's bias + GELU and attention
-only through a `Backend`, so kernels slot in without touching the model. Chosen per device (Triton on CUDA, torch
+only through a `Backend`, so kernels slot in without touching the model; on the CPU, a fp32 decode step hands the
+backend all of its blocks at once (`gpt2.decode_blocks`). Chosen per device (Triton on CUDA, torch
 elsewhere), overridable with `gpt2.load(..., backend=...)` or the `GPT2_BACKEND` environment variable.
 """
 
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import small_batch_matmul
-from .kv_cache import ForwardStep
+from . import decode_blocks, small_batch_matmul
+from .kv_cache import ForwardStep, KVCache
+
+if TYPE_CHECKING:
+    from .model import GPT2
 
 BACKENDS = ("torch", "triton")
 
@@ -41,6 +46,16 @@ class TorchBackend:
         """The backend to run a forward step of `rows` tokens with: this one."""
         return self
 
+    def decode_blocks(self, model: GPT2, x: torch.Tensor, normed: torch.Tensor, step: ForwardStep,
+                      cache: KVCache | None) -> bool:
+        """Every block of a CPU fp32 decode step of 1-8 rows in one C call, updating x (B, 1, C) and normed in place
+        (see `gpt2.decode_blocks`); False, nothing done, where it does not apply."""
+        plan = decode_blocks.plan_for(model, x, step, cache)
+        if plan is None:
+            return False
+        decode_blocks.run(plan, model, x, normed, step, cache)
+        return True
+
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """x W^T + b for an nn.Linear, or the tied lm_head's nn.Embedding (no bias); other layers are called."""
         if not isinstance(layer, (nn.Linear, nn.Embedding)):
@@ -63,14 +78,14 @@ class TorchBackend:
     def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         # gelu_new(x W^T + b): the tanh approximation is GPT-2's gelu_new formula. oneDNN can fuse it into the
         # matmul, which pays from 8 rows on (DialoGPT-small c_fc at 256 rows: 6.2 ms vs 7.2 ms) but slows the
-        # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate, as do
-        # the 1-8 rows the small-batch kernel takes. A packed bf16 layer fuses it at every row count
-        # (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
+        # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate. 1-8 fp32
+        # rows go to the small-batch kernel, which applies it to each block of outputs while they are in L1. A
+        # packed bf16 layer fuses it at every row count (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
         if hasattr(layer, "forward_gelu"):
             return layer.forward_gelu(x)
-        rows = x.numel() // x.shape[-1]
-        if (rows > 1 and isinstance(layer, nn.Linear) and _use_onednn(x, layer.weight)
-                and not small_batch_matmul.applies(x, layer.weight, layer.bias)):
+        if isinstance(layer, nn.Linear) and small_batch_matmul.applies(x, layer.weight, layer.bias):
+            return small_batch_matmul.matmul(x, layer.weight, layer.bias, gelu=True)
+        if x.numel() > x.shape[-1] and isinstance(layer, nn.Linear) and _use_onednn(x, layer.weight):
             return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "tanh")
         return F.gelu(self.linear(x, layer), approximate="tanh")
 
@@ -115,11 +130,25 @@ class TritonBackend(TorchBackend):
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
 
+    def decode_blocks(self, model: GPT2, x: torch.Tensor, normed: torch.Tensor, step: ForwardStep,
+                      cache: KVCache | None) -> bool:
+        """Every block of a CPU fp32 decode step of 1-8 rows in one C call, updating x (B, 1, C) and normed in place
+        (see `gpt2.decode_blocks`); False, nothing done, where it does not apply."""
+        plan = decode_blocks.plan_for(model, x, step, cache)
+        if plan is None:
+            return False
+        decode_blocks.run(plan, model, x, normed, step, cache)
+        return True
+
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return F.linear(x, layer.weight, getattr(layer, "bias", None))
 
     def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return self.kernels.bias_gelu(F.linear(x, layer.weight), layer.bias)
+
+    def decode_blocks(self, model: GPT2, x: torch.Tensor, normed: torch.Tensor, step: ForwardStep,
+                      cache: KVCache | None) -> bool:
+        return False  # the kernels run every op of every block
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])

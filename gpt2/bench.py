@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import small_batch_matmul
+from . import cpu_kernels
 from .config import GPT2Config
 from .huge_pages import huge_page_copy, huge_page_weights
 from .model import GPT2
@@ -430,7 +430,7 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
     if not with_transformers:
         notes.append("transformers not installed: this engine only (pip install 'dialogpt-engine[bench]')")
     if not on_gpu:
-        notes.append(f"this engine's {small_batch_matmul.status()}")  # built before the timings, if at all
+        notes.append(f"this engine's {cpu_kernels.status()}")  # built before the timings, if at all
     if not on_gpu and not bf16_packing_available():
         notes.append(BF16_SKIPPED)
     for size in sizes:

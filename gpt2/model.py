@@ -150,12 +150,13 @@ class GPT2(nn.Module):
         backend = self.backend.for_step(step, B * T, input_ids.device)
         first = self.h[0].ln_1
         normed = backend.layer_norm(x, first.weight, first.bias, first.eps)
-        # Only the last tokens' outputs are wanted: the last block's attention and MLP run on those alone
-        # (one layer's c_proj and MLP, 3/4 of its weights' work, saved over the rest of a prompt).
-        for i, block in enumerate(self.h):
-            next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            last_token_only = last_only and T > 1 and i + 1 == len(self.h)
-            x, normed = block(x, normed, next_norm, step, cache, backend, last_token_only)
+        if not backend.decode_blocks(self, x, normed, step, cache):  # a CPU fp32 decode step: all blocks in one call
+            # Only the last tokens' outputs are wanted: the last block's attention and MLP run on those alone
+            # (one layer's c_proj and MLP, 3/4 of its weights' work, saved over the rest of a prompt).
+            for i, block in enumerate(self.h):
+                next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+                last_token_only = last_only and T > 1 and i + 1 == len(self.h)
+                x, normed = block(x, normed, next_norm, step, cache, backend, last_token_only)
         if last_only:
             normed = normed[:, -1]  # (B, C): the last block left one token per row
         if hidden_only:

@@ -1,0 +1,103 @@
+"""This engine's C kernels for the CPU decode step (`gpt2/csrc/`), built once with the system C compiler.
+
+The sources are compiled together (`cc -O3 -mavx512f -mfma -fopenmp`, about 1 s) into one shared library in the
+engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and the command,
+and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on torch's threads.
+Without AVX-512 or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps torch's ops; `unavailable_reason()`
+says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-8 rows) and `decode_blocks` (a decode step's
+transformer blocks in one call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+LIBRARY_STEM = "cpu_kernels"
+
+
+def _sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The exported functions' C signatures (see each source)."""
+    lib.small_batch_matmul_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.small_batch_matmul_f32.restype = ctypes.c_int
+    lib.decode_blocks_f32.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+                                      + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
+                                      + [ctypes.c_void_p] * 2 + [ctypes.c_float])
+    lib.decode_blocks_f32.restype = ctypes.c_int
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
+    """(library, None, compile seconds) or (None, why not, 0.0); built and loaded once per process."""
+    if os.environ.get("GPT2_CPU_KERNEL", "1") == "0":
+        return None, "turned off by GPT2_CPU_KERNEL=0", 0.0
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_FP16"):  # the kernels are AVX-512 only
+        return None, f"this CPU has no AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})", 0.0
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on PATH)", 0.0
+    from .loading import engine_cache_dir  # imported here: loading imports the model, which imports the backend
+
+    sources = _sources()
+    content = b"".join(p.name.encode() + p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.is_file())
+    key = hashlib.sha256(content + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    library = engine_cache_dir() / "kernels" / f"{LIBRARY_STEM}-{key}.so"
+    seconds = 0.0
+    try:
+        if not library.exists():
+            start = time.perf_counter()
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+                built = Path(scratch) / library.name
+                run = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", str(built)], capture_output=True,
+                                     text=True)
+                if run.returncode != 0:
+                    errors = run.stderr.strip()[-500:]
+                    return None, f"compiling {SOURCE_DIR.name}/*.c with {compiler} failed: {errors}", 0.0
+                os.replace(built, library)  # atomic: a process loading it meanwhile sees the whole file or none
+            seconds = time.perf_counter() - start
+        lib = ctypes.CDLL(str(library))
+    except OSError as e:  # an unwritable cache, a library that will not load
+        return None, f"cannot build or load {library}: {e}", 0.0
+    _declare(lib)
+    return lib, None, seconds
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be used (see `unavailable_reason`)."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be used here, or None when they can."""
+    return _load()[1]
+
+
+def compile_seconds() -> float:
+    """What building the kernels cost this process (0 when they came from the cache or are unavailable)."""
+    return _load()[2]
+
+
+def status() -> str:
+    """One line for benchmark reports: whether fp32 decode steps run on these kernels, and what building them cost."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"fp32 decode steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
+    built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
+    return (f"fp32 decode steps of 1-8 rows: this engine's C kernels (gpt2/cpu_kernels.py; {built}, "
+            "not in the timings)")

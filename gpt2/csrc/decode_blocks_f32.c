@@ -1,0 +1,128 @@
+/* Every transformer block of a CPU decode step in one call: 1 to 8 rows of one new token each, fp32 (see
+ * gpt2/decode_blocks.py for why, and gpt2/model.py's Block for the same computation in torch).
+ *
+ * Per block: qkv = n W_attn^T + b; each row's new key and value go to its cache slot; each head's query attends
+ * over the row's cached keys; h += proj(attention); n = ln_2(h); h += proj(gelu_new(fc(n))); n = next_ln(h),
+ * where next_ln is the next block's ln_1, or ln_f after the last. h and n are updated in place.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "simd_math.h"
+#include "small_batch_matmul.h"
+
+/* One block's parameters, each row-major fp32 as in nn.Linear ([out, in]) and nn.LayerNorm. */
+typedef struct {
+    const float *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
+    const float *ln_2_w, *ln_2_b;
+    const float *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
+    const float *next_ln_w, *next_ln_b;
+} block_weights;
+
+/* h += x, then n = LayerNorm(h) * w + b, for B rows of C floats (two passes over h's row in L1). */
+static void add_layer_norm(float *h, const float *x, const float *w, const float *b, float *n, long B, long C,
+                           float eps) {
+    for (long row = 0; row < B; row++) {
+        float *hr = h + row * C, *nr = n + row * C;
+        const float *xr = x + row * C;
+        __m512 sum = _mm512_setzero_ps();
+        for (long c = 0; c < C; c += 16) {
+            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(hr + c), _mm512_loadu_ps(xr + c));
+            _mm512_storeu_ps(hr + c, v);
+            sum = _mm512_add_ps(sum, v);
+        }
+        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / C);
+        __m512 squares = _mm512_setzero_ps();
+        for (long c = 0; c < C; c += 16) {
+            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(hr + c), mean);
+            squares = _mm512_fmadd_ps(d, d, squares);
+        }
+        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / C + eps));
+        for (long c = 0; c < C; c += 16) {
+            const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(hr + c), mean), rstd);
+            _mm512_storeu_ps(nr + c, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c)));
+        }
+    }
+}
+
+/* Writes row b's new key and value (qkv's k and v parts) at slot[b] when the row adds a token (kv_len > slot),
+ * then out[b, h] = softmax(q . K^T / sqrt(D)) V over keys [0, min(slot + 1, kv_len)) for each head h.
+ * qkv (B, 3, H, D); k, v (B, H, max_len, D) this layer's cache; out (B, H, D). */
+static int cached_attention(const float *qkv, float *k, float *v, const int *slot, const int *kv_len, float *out,
+                            long B, long H, long D, long max_len) {
+    const long C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *p = malloc(sizeof(float) * max_len); /* this thread's scores, then probabilities */
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            if (!p) continue;
+            const long b = bh / H, h = bh % H;
+            float *kh = k + bh * max_len * D, *vh = v + bh * max_len * D;
+            const float *q = qkv + b * 3 * C + h * D;
+            if (kv_len[b] > slot[b])
+                for (long d = 0; d < D; d += 16) {
+                    _mm512_storeu_ps(kh + slot[b] * D + d, _mm512_loadu_ps(q + C + d));
+                    _mm512_storeu_ps(vh + slot[b] * D + d, _mm512_loadu_ps(q + 2 * C + d));
+                }
+            const long n_keys = kv_len[b] < slot[b] + 1 ? kv_len[b] : slot[b] + 1;
+            float top = -INFINITY;
+            for (long s = 0; s < n_keys; s++) {
+                __m512 dot = _mm512_setzero_ps();
+                for (long d = 0; d < D; d += 16)
+                    dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kh + s * D + d), dot);
+                p[s] = _mm512_reduce_add_ps(dot) * scale;
+                top = p[s] > top ? p[s] : top;
+            }
+            __m512 total = _mm512_setzero_ps();
+            for (long s = 0; s < n_keys; s += 16) {
+                const __mmask16 lanes = first_lanes(n_keys - s);
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p + s), _mm512_set1_ps(top)));
+                _mm512_mask_storeu_ps(p + s, lanes, e);
+                total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
+            }
+            const __m512 inv_total = _mm512_set1_ps(n_keys ? 1.0f / _mm512_reduce_add_ps(total) : 0.0f);
+            for (long d = 0; d < D; d += 16) {
+                __m512 acc = _mm512_setzero_ps();
+                for (long s = 0; s < n_keys; s++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(vh + s * D + d), acc);
+                _mm512_storeu_ps(out + bh * D + d, _mm512_mul_ps(acc, inv_total));
+            }
+        }
+        free(p);
+    }
+    return failed ? -2 : 0;
+}
+
+/* h, n (B, C): the residual stream and ln_1 of it for the first block; on return, after every block, and ln_f of
+ * it. k_cache, v_cache (n_layer, B, H, max_len, D). slot, kv_len (B,): see cached_attention.
+ * Returns 0; -1 for B outside 1..8 or C or D not a multiple of 16 (nothing done); -2 when out of memory. */
+int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float *n, long B, long C, long H,
+                      float *k_cache, float *v_cache, long max_len, const int *slot, const int *kv_len, float eps) {
+    const long D = C / H;
+    if (B < 1 || B > 8 || C % 16 || D % 16 || D * H != C) return -1;
+    float *qkv = malloc(sizeof(float) * B * 9 * C); /* qkv (B, 3C), then attention and projection (B, C), fc (B, 4C) */
+    if (!qkv) return -2;
+    float *attn = qkv + B * 3 * C, *proj = attn + B * C, *fc = proj + B * C;
+    int status = 0;
+    for (long layer = 0; layer < n_layer && status == 0; layer++) {
+        const block_weights *w = blocks + layer;
+        const long cache_offset = layer * B * H * max_len * D;
+        small_batch_matmul(w->attn_w, n, w->attn_b, qkv, B, 3 * C, C, 0);
+        status = cached_attention(qkv, k_cache + cache_offset, v_cache + cache_offset, slot, kv_len, attn, B, H, D,
+                                  max_len);
+        small_batch_matmul(w->attn_proj_w, attn, w->attn_proj_b, proj, B, C, C, 0);
+        add_layer_norm(h, proj, w->ln_2_w, w->ln_2_b, n, B, C, eps);
+        small_batch_matmul(w->fc_w, n, w->fc_b, fc, B, 4 * C, C, 1);
+        small_batch_matmul(w->mlp_proj_w, fc, w->mlp_proj_b, proj, B, C, 4 * C, 0);
+        add_layer_norm(h, proj, w->next_ln_w, w->next_ln_b, n, B, C, eps);
+    }
+    free(qkv);
+    return status;
+}

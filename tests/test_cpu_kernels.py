@@ -1,0 +1,77 @@
+"""How the C kernels (gpt2/cpu_kernels.py, gpt2/csrc/) are built, cached, and reported when they cannot be used:
+each way they can be unavailable leaves the model on torch's ops, with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2 import cpu_kernels, small_batch_matmul
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                   reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty engine cache and no loaded library; the process's library is restored afterwards."""
+    monkeypatch.setenv("GPT2_ENGINE_CACHE", str(tmp_path))
+    cpu_kernels._load.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    cpu_kernels._load.cache_clear()
+
+
+def test_turned_off_by_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("GPT2_CPU_KERNEL", "0")
+    assert cpu_kernels.unavailable_reason() == "turned off by GPT2_CPU_KERNEL=0"
+    assert not small_batch_matmul.applies(torch.randn(1, 32), torch.randn(64, 32), None)
+    assert "torch's ops and oneDNN (the C kernels are unavailable: turned off" in cpu_kernels.status()
+
+
+@needs_kernels
+def test_no_compiler_is_reported(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    assert "no C compiler found ('no-such-compiler-xyz'" in cpu_kernels.unavailable_reason()
+
+
+@needs_kernels
+def test_failed_compile_is_reported_and_leaves_nothing(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert "compiling csrc/*.c with" in cpu_kernels.unavailable_reason()
+    assert not list((fresh_build / "kernels").glob("*.so"))
+
+
+@needs_kernels
+def test_unwritable_cache_is_reported(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("GPT2_ENGINE_CACHE", str(blocker))
+    assert "cannot build or load" in cpu_kernels.unavailable_reason()
+    assert not small_batch_matmul.applies(torch.randn(1, 32), torch.randn(64, 32), None)  # oneDNN then, no error
+
+
+@needs_kernels
+def test_built_once_then_loaded_from_the_cache(fresh_build):
+    assert cpu_kernels.unavailable_reason() is None
+    assert cpu_kernels.compile_seconds() > 0
+    assert "built in" in cpu_kernels.status()
+    assert len(list((fresh_build / "kernels").glob("cpu_kernels-*.so"))) == 1
+    cpu_kernels._load.cache_clear()
+    assert cpu_kernels.unavailable_reason() is None
+    assert cpu_kernels.compile_seconds() == 0.0
+    assert "loaded from the cache" in cpu_kernels.status()
+
+
+@needs_kernels
+def test_a_changed_source_builds_a_new_library(fresh_build, monkeypatch, tmp_path_factory):
+    """The library's name hashes every file of csrc/, headers included: an edited header is never served stale."""
+    cpu_kernels.library()
+    sources = tmp_path_factory.mktemp("csrc")
+    for path in cpu_kernels.SOURCE_DIR.iterdir():
+        (sources / path.name).write_bytes(path.read_bytes())
+    (sources / "simd_math.h").write_text((sources / "simd_math.h").read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE_DIR", sources)
+    cpu_kernels._load.cache_clear()
+    assert cpu_kernels.unavailable_reason() is None
+    assert len(list((fresh_build / "kernels").glob("cpu_kernels-*.so"))) == 2
