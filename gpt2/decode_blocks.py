@@ -5,7 +5,7 @@ its tensors' metadata and the interpreter's objects in DRAM, and costs 10-30 us 
 cache-slice copy: 3.7 us warm, 7.4 us after a 16 MB matmul, 20 us after a 64 MB read). A DialoGPT-medium decode
 step spent 7 ms of 36 in the ops between its matmuls, against 3 ms when nothing evicts them. The C kernel runs
 the same block (`gpt2.model.Block`) with the weights streamed by the small-batch matmul
-(`csrc/small_batch_matmul.h`), gelu_new fused into c_fc, each row's new key and value written to its cache slot
+(`csrc/small_batch_matmul_f32.c`), gelu_new fused into c_fc, each row's new key and value written to its cache slot
 and attended in the same pass. Measured interleaved on an AMD EPYC (Zen 4), 2 threads, a 33-token cache, each
 decode step as a multiple of the weight-streaming bound sampled between them:
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 MAX_ROWS = 8
 ELEMENTS_MULTIPLE = 16  # n_embd and head_dim: the kernel reads rows and heads in 16-float vectors
+MAX_HEAD_DIM = 256  # a head's attention output is kept in 16 AVX-512 registers
 
 
 class BlockWeights(ctypes.Structure):
@@ -98,11 +99,13 @@ def _weights_plan(model: GPT2) -> Plan | None:
 
 def plan_for(model: GPT2, x: torch.Tensor, step: ForwardStep, cache: KVCache | None) -> Plan | None:
     """The plan to run this step with, or None where the kernel does not apply: x (B, 1, C) must be a decode step of
-    1-8 rows on the CPU in fp32 over a contiguous cache, with the kernels built and the blocks plain fp32."""
+    1-8 rows on the CPU in fp32 over a contiguous cache, head_dim a multiple of 16 up to 256, with the kernels built
+    and the blocks plain fp32."""
     config = model.config
     if not (cache is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and step.chunk_len == 1 and 1 <= x.shape[0] <= MAX_ROWS
             and config.n_embd % ELEMENTS_MULTIPLE == 0 and config.head_dim % ELEMENTS_MULTIPLE == 0
+            and config.head_dim <= MAX_HEAD_DIM
             and cache.k.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
             and cpu_kernels.library() is not None):
         return None

@@ -3,7 +3,7 @@
 A decode step at batch b reads every weight once for b rows, so up to a few rows its matmuls are bound by how
 fast they stream the weights. Torch's fastest route on the AMD EPYC (Zen 4) this engine is tuned on is oneDNN,
 which runs one row as `brg_matmul:avx2` (`ONEDNN_VERBOSE=1`); MKL streams at half its speed on AMD.
-`csrc/small_batch_matmul.h` walks a block of weight rows at once with one AVX-512 accumulator per (input row,
+`csrc/small_batch_matmul_f32.c` walks a block of weight rows at once with one AVX-512 accumulator per (input row,
 weight row), prefetching each row's stream ahead. All DialoGPT-small decode matmuls in sequence (494 MB,
 cold; 2 threads, fastest of 5 interleaved, in a quiet minute of a machine whose bandwidth drifts 1.5x):
 

@@ -116,10 +116,11 @@ def test_applies_only_where_it_can():
         assert decode_blocks.plan_for(model, one_row.bfloat16(), small.begin([1], 1), small) is None
     model.train().requires_grad_()  # autograd needs torch's ops
     assert decode_blocks.plan_for(model, one_row, small.begin([1], 1), small) is None
-    odd = random_model(GPT2Config(n_embd=40, n_layer=1, n_head=5, n_positions=32, vocab_size=50))  # head_dim 8
-    with torch.inference_mode():
-        odd_cache = odd.new_cache(1, 8)
-        assert decode_blocks.plan_for(odd, torch.zeros(1, 1, 40), odd_cache.begin([1], 1), odd_cache) is None
+    for n_embd, n_head in [(40, 5), (272, 1)]:  # head_dim 8 (not whole vectors), 272 (past MAX_HEAD_DIM)
+        odd = random_model(GPT2Config(n_embd=n_embd, n_layer=1, n_head=n_head, n_positions=32, vocab_size=50))
+        with torch.inference_mode():
+            odd_cache = odd.new_cache(1, 8)
+            assert decode_blocks.plan_for(odd, torch.zeros(1, 1, n_embd), odd_cache.begin([1], 1), odd_cache) is None
 
 
 def test_a_quantized_block_keeps_the_torch_path():

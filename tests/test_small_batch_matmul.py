@@ -1,4 +1,4 @@
-"""The CPU small-batch fp32 matmul kernel (gpt2/small_batch_matmul.py, gpt2/csrc/small_batch_matmul.h) against
+"""The CPU small-batch fp32 matmul kernel (gpt2/small_batch_matmul.py, gpt2/csrc/small_batch_matmul_f32.c) against
 F.linear (and F.gelu after it), and where it applies. Tolerance: 1e-5 relative to the output's scale (both sum
 in fp32, in a different order; measured ~1e-7); the fused gelu_new's exp adds about 1 ulp."""
 

@@ -11,6 +11,8 @@
 #include "simd_math.h"
 #include "small_batch_matmul.h"
 
+#define MAX_HEAD_DIM 256 /* the attention keeps a head's output in registers: 16 vectors at most */
+
 /* One block's parameters, each row-major fp32 as in nn.Linear ([out, in]) and nn.LayerNorm. */
 typedef struct {
     const float *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
@@ -88,12 +90,14 @@ static int cached_attention(const float *qkv, float *k, float *v, const int *slo
                 total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
             }
             const __m512 inv_total = _mm512_set1_ps(n_keys ? 1.0f / _mm512_reduce_add_ps(total) : 0.0f);
-            for (long d = 0; d < D; d += 16) {
-                __m512 acc = _mm512_setzero_ps();
-                for (long s = 0; s < n_keys; s++)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(vh + s * D + d), acc);
-                _mm512_storeu_ps(out + bh * D + d, _mm512_mul_ps(acc, inv_total));
+            __m512 acc[MAX_HEAD_DIM / 16]; /* the head's output, summed over the values in one pass */
+            for (long d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
+            for (long s = 0; s < n_keys; s++) {
+                const __m512 weight = _mm512_set1_ps(p[s]);
+                for (long d = 0; d < D; d += 16)
+                    acc[d / 16] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(vh + s * D + d), acc[d / 16]);
             }
+            for (long d = 0; d < D; d += 16) _mm512_storeu_ps(out + bh * D + d, _mm512_mul_ps(acc[d / 16], inv_total));
         }
         free(p);
     }
@@ -102,11 +106,12 @@ static int cached_attention(const float *qkv, float *k, float *v, const int *slo
 
 /* h, n (B, C): the residual stream and ln_1 of it for the first block; on return, after every block, and ln_f of
  * it. k_cache, v_cache (n_layer, B, H, max_len, D). slot, kv_len (B,): see cached_attention.
- * Returns 0; -1 for B outside 1..8 or C or D not a multiple of 16 (nothing done); -2 when out of memory. */
+ * Returns 0; -1 for B outside 1..8, C or D not a multiple of 16, or D over MAX_HEAD_DIM (nothing done); -2 when
+ * out of memory. */
 int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float *n, long B, long C, long H,
                       float *k_cache, float *v_cache, long max_len, const int *slot, const int *kv_len, float eps) {
     const long D = C / H;
-    if (B < 1 || B > 8 || C % 16 || D % 16 || D * H != C) return -1;
+    if (B < 1 || B > 8 || C % 16 || D % 16 || D * H != C || D > MAX_HEAD_DIM) return -1;
     float *qkv = malloc(sizeof(float) * B * 9 * C); /* qkv (B, 3C), then attention and projection (B, C), fc (B, 4C) */
     if (!qkv) return -2;
     float *attn = qkv + B * 3 * C, *proj = attn + B * C, *fc = proj + B * C;
@@ -114,13 +119,13 @@ int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float
     for (long layer = 0; layer < n_layer && status == 0; layer++) {
         const block_weights *w = blocks + layer;
         const long cache_offset = layer * B * H * max_len * D;
-        small_batch_matmul(w->attn_w, n, w->attn_b, qkv, B, 3 * C, C, 0);
+        small_batch_matmul_f32(w->attn_w, n, w->attn_b, qkv, B, 3 * C, C, 0);
         status = cached_attention(qkv, k_cache + cache_offset, v_cache + cache_offset, slot, kv_len, attn, B, H, D,
                                   max_len);
-        small_batch_matmul(w->attn_proj_w, attn, w->attn_proj_b, proj, B, C, C, 0);
+        small_batch_matmul_f32(w->attn_proj_w, attn, w->attn_proj_b, proj, B, C, C, 0);
         add_layer_norm(h, proj, w->ln_2_w, w->ln_2_b, n, B, C, eps);
-        small_batch_matmul(w->fc_w, n, w->fc_b, fc, B, 4 * C, C, 1);
-        small_batch_matmul(w->mlp_proj_w, fc, w->mlp_proj_b, proj, B, C, 4 * C, 0);
+        small_batch_matmul_f32(w->fc_w, n, w->fc_b, fc, B, 4 * C, C, 1);
+        small_batch_matmul_f32(w->mlp_proj_w, fc, w->mlp_proj_b, proj, B, C, 4 * C, 0);
         add_layer_norm(h, proj, w->next_ln_w, w->next_ln_b, n, B, C, eps);
     }
     free(qkv);
