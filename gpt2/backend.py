@@ -130,16 +130,6 @@ class TritonBackend(TorchBackend):
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
 
-    def decode_blocks(self, model: GPT2, x: torch.Tensor, normed: torch.Tensor, step: ForwardStep,
-                      cache: KVCache | None) -> bool:
-        """Every block of a CPU fp32 decode step of 1-8 rows in one C call, updating x (B, 1, C) and normed in place
-        (see `gpt2.decode_blocks`); False, nothing done, where it does not apply."""
-        plan = decode_blocks.plan_for(model, x, step, cache)
-        if plan is None:
-            return False
-        decode_blocks.run(plan, model, x, normed, step, cache)
-        return True
-
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return F.linear(x, layer.weight, getattr(layer, "bias", None))
 

@@ -1,17 +1,17 @@
 """A CPU fp32 decode step's transformer blocks in one C call (`csrc/decode_blocks_f32.c`), not ~25 torch ops each.
 
 After each weight matrix streams through, this CPU's caches hold nothing else: the next torch op finds its code,
-its tensors' metadata and the interpreter's objects in DRAM, and costs 10-30 us where it costs 1-4 us warm (a
+its tensors' metadata and the interpreter's objects in DRAM, and costs 8-30 us where it costs 1-4 us warm (a
 cache-slice copy: 3.7 us warm, 7.4 us after a 16 MB matmul, 20 us after a 64 MB read). A DialoGPT-medium decode
 step spent 7 ms of 36 in the ops between its matmuls, against 3 ms when nothing evicts them. The C kernel runs
 the same block (`gpt2.model.Block`) with the weights streamed by the small-batch matmul
 (`csrc/small_batch_matmul_f32.c`), gelu_new fused into c_fc, each row's new key and value written to its cache slot
 and attended in the same pass. Measured interleaved on an AMD EPYC (Zen 4), 2 threads, a 33-token cache, each
-decode step as a multiple of the weight-streaming bound sampled between them:
+decode step (median of 5) beside the weight-streaming bound sampled between them (21 ms small, 46 ms medium):
 
     DialoGPT-   small b1   medium b1   small b8   medium b8
-    torch ops   1.03x      1.20x       31.2 ms    75.5 ms
-    one call    0.90x      0.98x       26.9 ms    67.3 ms
+    torch ops   1.00x      1.24x       31.7 ms    83.3 ms
+    one call    0.89x      1.02x       28.3 ms    72.8 ms
 
 It takes plain fp32 `nn.Linear` blocks (not quantized or packed) with a contiguous KV cache, 1-8 rows of one
 token each, outside autograd, where the C kernels are built (`gpt2.cpu_kernels`). The kernel's table of weight
