@@ -48,7 +48,7 @@ class TorchBackend:
 
     def decode_blocks(self, model: GPT2, x: torch.Tensor, normed: torch.Tensor, step: ForwardStep,
                       cache: KVCache | None) -> bool:
-        """Every block of a CPU fp32 decode step of 1-8 rows in one C call, updating x (B, 1, C) and normed in place
+        """Every block of a CPU fp32 decode step of 1-16 rows in one C call, updating x (B, 1, C) and normed in place
         (see `gpt2.decode_blocks`); False, nothing done, where it does not apply."""
         plan = decode_blocks.plan_for(model, x, step, cache)
         if plan is None:
@@ -61,7 +61,7 @@ class TorchBackend:
         if not isinstance(layer, (nn.Linear, nn.Embedding)):
             return layer(x)  # a quantized or packed layer (gpt2.quantize, gpt2.packed_linear) computes itself
         weight, bias = layer.weight, getattr(layer, "bias", None)
-        if small_batch_matmul.applies(x, weight, bias):  # 1-8 fp32 rows on the CPU: a decode step's matmul
+        if small_batch_matmul.applies(x, weight, bias):  # 1-16 fp32 rows on the CPU: a decode step's matmul
             return small_batch_matmul.matmul(x, weight, bias)
         if _use_onednn(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -78,7 +78,7 @@ class TorchBackend:
     def linear_gelu(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         # gelu_new(x W^T + b): the tanh approximation is GPT-2's gelu_new formula. oneDNN can fuse it into the
         # matmul, which pays from 8 rows on (DialoGPT-small c_fc at 256 rows: 6.2 ms vs 7.2 ms) but slows the
-        # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate. 1-8 fp32
+        # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate. 1-16 fp32
         # rows go to the small-batch kernel, which applies it to each block of outputs while they are in L1. A
         # packed bf16 layer fuses it at every row count (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
         if hasattr(layer, "forward_gelu"):

@@ -4,7 +4,7 @@ The sources are compiled together (`cc -O3 -mavx512f -mfma -fopenmp`, about 1.5 
 engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and the command,
 and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on torch's threads.
 Without AVX-512 or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps torch's ops; `unavailable_reason()`
-says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-8 rows) and `decode_blocks` (a decode step's
+says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows) and `decode_blocks` (a decode step's
 transformer blocks in one call).
 """
 
@@ -99,5 +99,5 @@ def status() -> str:
     if reason is not None:
         return f"fp32 decode steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
     built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
-    return (f"fp32 decode steps of 1-8 rows: this engine's C kernels (gpt2/cpu_kernels.py; {built}, "
+    return (f"fp32 decode steps of 1-16 rows: this engine's C kernels (gpt2/cpu_kernels.py; {built}, "
             "not in the timings)")

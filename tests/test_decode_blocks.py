@@ -62,7 +62,8 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("lengths", [[5], [3, 17, 1], [9, 2, 30, 16, 1, 7, 4, 33]])  # batch 1, 3 and 8
+@pytest.mark.parametrize("lengths", [[5], [3, 17, 1], [9, 2, 30, 16, 1, 7, 4, 33],  # batch 1, 3, 8 and 13
+                                     [4, 8, 15, 16, 23, 42, 1, 2, 3, 5, 8, 13, 21]])
 def test_matches_the_per_block_path(config, lengths, monkeypatch):
     """Ragged prompts, then 20 decode steps: keys past 16 (a whole vector of scores) and past 32, every row."""
     model = model_for(config)
@@ -103,13 +104,13 @@ def test_greedy_generation_is_unchanged(monkeypatch):
 
 def test_applies_only_where_it_can():
     model = model_for("64x4")
-    cache = model.new_cache(9, 16)
-    one_row, nine_rows = torch.zeros(1, 1, 64), torch.zeros(9, 1, 64)
-    decode_step = cache.begin([1] * 9, 1)
+    cache = model.new_cache(17, 16)
+    one_row, many_rows = torch.zeros(1, 1, 64), torch.zeros(17, 1, 64)
+    decode_step = cache.begin([1] * 17, 1)
     with torch.inference_mode():
         small = model.new_cache(1, 16)
         assert decode_blocks.plan_for(model, one_row, small.begin([1], 1), small) is not None
-        assert decode_blocks.plan_for(model, nine_rows, decode_step, cache) is None  # 9 rows: oneDNN's GEMMs
+        assert decode_blocks.plan_for(model, many_rows, decode_step, cache) is None  # 17 rows: oneDNN's GEMMs
         assert decode_blocks.plan_for(model, one_row, small.begin([1], 1), None) is None  # no cache
         prefill = small.begin([2], 2)  # a chunk of two tokens
         assert decode_blocks.plan_for(model, torch.zeros(1, 2, 64), prefill, small) is None
