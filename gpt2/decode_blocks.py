@@ -52,9 +52,12 @@ class BlockWeights(ctypes.Structure):
 
 @dataclass
 class Plan:
-    """The kernel's weight table for one model, and the tensors it points into (kept alive with it)."""
+    """The kernel's weight table for one model, with the tensors' ids and data pointers it was built from.
 
-    tensors: list[torch.Tensor]
+    It holds no tensor: each step checks the table against the model's tensors of that moment, so a replaced
+    weight is never used from the table, and never kept alive by it."""
+
+    ids: list[int]
     pointers: list[int]
     weights: ctypes.Array
 
@@ -85,16 +88,18 @@ def _weights_plan(model: GPT2) -> Plan | None:
     contiguous fp32, or needs autograd."""
     tensors = _block_tensors(model)
     if tensors is None or any(t is None for t in tensors):
+        _plans.pop(model, None)
         return None
-    pointers = [t.data_ptr() for t in tensors]
+    ids, pointers = [id(t) for t in tensors], [t.data_ptr() for t in tensors]
     plan = _plans.get(model)
-    if plan is None or plan.pointers != pointers or any(a is not b for a, b in zip(plan.tensors, tensors)):
+    if plan is None or plan.pointers != pointers or plan.ids != ids:
+        _plans.pop(model, None)
         if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
             return None
         per_block = len(BlockWeights._fields_)
         weights = (BlockWeights * len(model.h))(*(BlockWeights(*pointers[i:i + per_block])
                                                   for i in range(0, len(pointers), per_block)))
-        plan = _plans[model] = Plan(tensors, pointers, weights)
+        plan = _plans[model] = Plan(ids, pointers, weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     return plan
@@ -102,14 +107,17 @@ def _weights_plan(model: GPT2) -> Plan | None:
 
 def plan_for(model: GPT2, x: torch.Tensor, step: ForwardStep, cache: KVCache | None) -> Plan | None:
     """The plan to run this step with, or None where the kernel does not apply: x (B, 1, C) must be a decode step of
-    1-16 rows on the CPU in fp32 over a contiguous cache, head_dim a multiple of 16 up to 256, with the kernels built
-    and the blocks plain fp32."""
+    1-16 rows on the CPU in fp32 over a contiguous cache of this model's shape, head_dim a multiple of 16 up to 256,
+    with the kernels built and the blocks plain fp32."""
     config = model.config
+    B = x.shape[0]
     if not (cache is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and step.chunk_len == 1 and 1 <= x.shape[0] <= MAX_ROWS
+            and step.chunk_len == 1 and 1 <= B <= MAX_ROWS
             and config.n_embd % ELEMENTS_MULTIPLE == 0 and config.head_dim % ELEMENTS_MULTIPLE == 0
             and config.head_dim <= MAX_HEAD_DIM
-            and cache.k.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
+            and cache.k.shape == cache.v.shape == (config.n_layer, B, config.n_head, cache.max_len, config.head_dim)
+            and cache.k.dtype == cache.v.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
+            and step.q_start.dtype == step.kv_len.dtype == torch.int32
             and cpu_kernels.library() is not None):
         return None
     return _weights_plan(model)

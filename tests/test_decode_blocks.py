@@ -7,6 +7,9 @@ the order of the attention's and LayerNorm's sums and in gelu_new's exp (measure
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -154,3 +157,23 @@ def test_a_changed_weight_is_used(how, monkeypatch):
     torch_ops, _ = decode(model, prompts, steps, False, monkeypatch)
     assert (fused - before).abs().max() > 1e-3  # the step saw the change
     assert_close(fused, torch_ops)
+
+
+def test_the_weight_table_keeps_no_weight_alive(monkeypatch):
+    """A replaced weight is freed: the per-model table holds pointers, not tensors (a quantized or cast model's
+    fp32 weights would otherwise stay in memory)."""
+    model = model_for("64x4")
+    decode(model, [[1, 2, 3]], [[1]], True, monkeypatch)  # builds the table
+    fc = model.h[0].mlp.c_fc
+    old = weakref.ref(fc.weight)
+    fc.weight = torch.nn.Parameter(fc.weight.detach().clone())
+    gc.collect()
+    assert old() is None
+
+
+def test_a_cache_of_another_shape_is_refused():
+    model = model_for("64x4")
+    other = random_model(GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=128, vocab_size=500))
+    cache = other.new_cache(1, 16)  # one layer more than the model has
+    with torch.inference_mode():
+        assert decode_blocks.plan_for(model, torch.zeros(1, 1, 64), cache.begin([1], 1), cache) is None
