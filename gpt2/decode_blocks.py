@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from . import cpu_kernels
+from . import cpu_kernels, small_batch_matmul
 from .kv_cache import ForwardStep, KVCache
 
 if TYPE_CHECKING:
     from .model import GPT2
 
-MAX_ROWS = 16  # as many as the small-batch matmul takes (gpt2.small_batch_matmul)
+MAX_ROWS = small_batch_matmul.MAX_ROWS  # each block's matmuls run on the small-batch kernel
 ELEMENTS_MULTIPLE = 16  # n_embd and head_dim: the kernel reads rows and heads in 16-float vectors
 MAX_HEAD_DIM = 256  # a head's attention output is kept in 16 AVX-512 registers
 

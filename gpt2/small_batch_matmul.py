@@ -26,7 +26,7 @@ import torch
 
 from . import cpu_kernels
 
-MAX_ROWS = 16  # input rows the kernel takes; larger batches are compute-bound and stay on oneDNN's GEMM
+MAX_ROWS = 16  # input rows the kernel takes (SMALL_BATCH_MAX_ROWS in csrc/small_batch_matmul.h)
 COLS_MULTIPLE = 16  # the kernel reads each row of x and W in 16-float vectors
 
 

@@ -12,7 +12,6 @@
 #include "simd_math.h"
 #include "small_batch_matmul.h"
 
-#define MAX_ROWS 16 /* input rows; above, oneDNN's GEMM is as fast (see gpt2/small_batch_matmul.py) */
 /* Each W row's stream is prefetched 1 KiB ahead into L2 (_MM_HINT_T2; past a row's end it touches the next
  * row, past W's end nothing faults). All DialoGPT decode matmuls at one input row, Zen 4: 5-9% faster than
  * without (small 16.9 vs 18.4 ms, medium 29.2 vs 32.1 ms); 256 and 512 floats ahead measured alike, T0 slower,
@@ -72,7 +71,7 @@ KERNEL(4, 4)  /* four and more: a block of W read from memory once, from L1 agai
 
 int small_batch_matmul_f32(const float *W, const float *X, const float *b, float *Y, long m, long rows, long cols,
                            int gelu) {
-    if (m < 1 || m > MAX_ROWS) return -1;
+    if (m < 1 || m > SMALL_BATCH_MAX_ROWS) return -1;
     switch (m) {
     case 1: matmul_16x1(W, X, b, Y, m, rows, cols, gelu); return 0;
     case 2: matmul_8x2(W, X, b, Y, m, rows, cols, gelu); return 0;
