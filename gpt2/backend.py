@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import decode_blocks, small_batch_matmul
+from . import cpu_attention, decode_blocks, prefill_matmul, small_batch_matmul
 from .kv_cache import ForwardStep, KVCache
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class TorchBackend:
         weight, bias = layer.weight, getattr(layer, "bias", None)
         if small_batch_matmul.applies(x, weight, bias):  # 1-16 fp32 rows on the CPU: a decode step's matmul
             return small_batch_matmul.matmul(x, weight, bias)
+        if prefill_matmul.applies(x, weight, bias):  # 17-64 fp32 rows on the CPU: a short prefill chunk's
+            return prefill_matmul.matmul(x, weight, bias)
         if _use_onednn(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
@@ -79,18 +81,23 @@ class TorchBackend:
         # gelu_new(x W^T + b): the tanh approximation is GPT-2's gelu_new formula. oneDNN can fuse it into the
         # matmul, which pays from 8 rows on (DialoGPT-small c_fc at 256 rows: 6.2 ms vs 7.2 ms) but slows the
         # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate. 1-16 fp32
-        # rows go to the small-batch kernel, which applies it to each block of outputs while they are in L1. A
+        # rows go to the small-batch kernel, which applies it to each block of outputs while they are in L1, and
+        # 17-64 rows to the prefill kernel, which applies it to each tile of outputs. A
         # packed bf16 layer fuses it at every row count (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
         if hasattr(layer, "forward_gelu"):
             return layer.forward_gelu(x)
         if isinstance(layer, nn.Linear) and small_batch_matmul.applies(x, layer.weight, layer.bias):
             return small_batch_matmul.matmul(x, layer.weight, layer.bias, gelu=True)
+        if isinstance(layer, nn.Linear) and prefill_matmul.applies(x, layer.weight, layer.bias):
+            return prefill_matmul.matmul(x, layer.weight, layer.bias, gelu=True)
         if x.numel() > x.shape[-1] and isinstance(layer, nn.Linear) and _use_onednn(x, layer.weight):
             return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "tanh")
         return F.gelu(self.linear(x, layer), approximate="tanh")
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
         # q (B, H, T, D); k, v (B, H, S, D) -> (B, H, T, D)
+        if cpu_attention.applies(q, k, v, step):  # fp32 on the CPU: this engine's C kernel, SDPA's masks not needed
+            return cpu_attention.attention(q, k, v, step)
         mask = step.attention_mask
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)

@@ -1,11 +1,11 @@
-"""This engine's C kernels for the CPU decode step (`gpt2/csrc/`), built once with the system C compiler.
+"""This engine's C kernels for the CPU (`gpt2/csrc/`), built once with the system C compiler.
 
 The sources are compiled together (`cc -O3 -mavx512f -mfma -fopenmp`, 1-1.5 s) into one shared library in the
 engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and the command,
 and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on torch's threads.
 Without AVX-512 or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps torch's ops; `unavailable_reason()`
-says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows) and `decode_blocks` (a decode step's
-transformer blocks in one call).
+says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows), `prefill_matmul` (of more rows),
+`cpu_attention` (causal attention over the KV cache) and `decode_blocks` (a decode step's blocks in one call).
 """
 
 from __future__ import annotations
@@ -35,10 +35,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     """The exported functions' C signatures (see each source)."""
     lib.small_batch_matmul_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.small_batch_matmul_f32.restype = ctypes.c_int
+    lib.prefill_matmul_f32.argtypes = lib.small_batch_matmul_f32.argtypes
+    lib.prefill_matmul_f32.restype = ctypes.c_int
     lib.decode_blocks_f32.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
                                       + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
                                       + [ctypes.c_void_p] * 2 + [ctypes.c_float])
     lib.decode_blocks_f32.restype = ctypes.c_int
+    from .cpu_attention import AttentionStrides  # imported here: cpu_attention imports this module
+
+    lib.attention_f32.argtypes = [ctypes.c_void_p, AttentionStrides, ctypes.c_void_p, ctypes.c_void_p,
+                                  AttentionStrides, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  AttentionStrides] + [ctypes.c_long] * 5
+    lib.attention_f32.restype = ctypes.c_int
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,6 +22,8 @@ module serves the lm_head and every other fp32 matmul of 1-16 rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import cpu_kernels
@@ -42,11 +44,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """x (..., in) of 1-16 rows, weight (out, in), bias (out,) or None -> x W^T + b, (..., out), through gelu_new
     with gelu (computed as x / (1 + exp(-2u)), within 1e-6 of torch's tanh form); see `applies`."""
+    return run_matmul_kernel(cpu_kernels.library().small_batch_matmul_f32, x, weight, bias, gelu)
+
+
+def run_matmul_kernel(kernel: Callable[..., int], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      gelu: bool) -> torch.Tensor:
+    """x W^T + b (..., out) through a C matmul kernel of this signature (`csrc/small_batch_matmul.h`), one that
+    takes x's row count and width (its caller's `applies` has checked)."""
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()
     rows = x.numel() // x.shape[-1]
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-    cpu_kernels.library().small_batch_matmul_f32(weight.data_ptr(), x.data_ptr(),
-                                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), rows,
-                                                 weight.shape[0], weight.shape[1], gelu)
+    kernel(weight.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), rows,
+           weight.shape[0], weight.shape[1], gelu)
     return y

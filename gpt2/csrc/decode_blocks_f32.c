@@ -8,10 +8,9 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "attention_f32.h"
 #include "simd_math.h"
 #include "small_batch_matmul.h"
-
-#define MAX_HEAD_DIM 256 /* the attention keeps a head's output in registers: 16 vectors at most */
 
 /* One block's parameters, each row-major fp32 as in nn.Linear ([out, in]) and nn.LayerNorm. */
 typedef struct {
@@ -48,70 +47,34 @@ static void add_layer_norm(float *h, const float *x, const float *w, const float
 }
 
 /* Writes row b's new key and value (qkv's k and v parts) at slot[b] when the row adds a token (kv_len > slot),
- * then out[b, h] = softmax(q . K^T / sqrt(D)) V over keys [0, min(slot + 1, kv_len)) for each head h.
+ * then out[b, h] = attention of the row's query over keys [0, min(slot + 1, kv_len)) for each head h.
  * qkv (B, 3, H, D); k, v (B, H, max_len, D) this layer's cache; out (B, H, D). */
 static int cached_attention(const float *qkv, float *k, float *v, const int *slot, const int *kv_len, float *out,
                             long B, long H, long D, long max_len) {
     const long C = H * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *p = malloc(sizeof(float) * max_len); /* this thread's scores, then probabilities */
-        if (!p) {
-#pragma omp atomic write
-            failed = 1;
+    for (long b = 0; b < B; b++) {
+        if (kv_len[b] <= slot[b]) continue;
+        for (long h = 0; h < H; h++) {
+            const long at = (b * H + h) * max_len * D + slot[b] * D;
+            for (long d = 0; d < D; d += 16) {
+                _mm512_storeu_ps(k + at + d, _mm512_loadu_ps(qkv + b * 3 * C + C + h * D + d));
+                _mm512_storeu_ps(v + at + d, _mm512_loadu_ps(qkv + b * 3 * C + 2 * C + h * D + d));
+            }
         }
-#pragma omp for schedule(static)
-        for (long bh = 0; bh < B * H; bh++) {
-            if (!p) continue;
-            const long b = bh / H, h = bh % H;
-            float *kh = k + bh * max_len * D, *vh = v + bh * max_len * D;
-            const float *q = qkv + b * 3 * C + h * D;
-            if (kv_len[b] > slot[b])
-                for (long d = 0; d < D; d += 16) {
-                    _mm512_storeu_ps(kh + slot[b] * D + d, _mm512_loadu_ps(q + C + d));
-                    _mm512_storeu_ps(vh + slot[b] * D + d, _mm512_loadu_ps(q + 2 * C + d));
-                }
-            const long n_keys = kv_len[b] < slot[b] + 1 ? kv_len[b] : slot[b] + 1;
-            float top = -INFINITY;
-            for (long s = 0; s < n_keys; s++) {
-                __m512 dot = _mm512_setzero_ps();
-                for (long d = 0; d < D; d += 16)
-                    dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kh + s * D + d), dot);
-                p[s] = _mm512_reduce_add_ps(dot) * scale;
-                top = p[s] > top ? p[s] : top;
-            }
-            __m512 total = _mm512_setzero_ps();
-            for (long s = 0; s < n_keys; s += 16) {
-                const __mmask16 lanes = first_lanes(n_keys - s);
-                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p + s), _mm512_set1_ps(top)));
-                _mm512_mask_storeu_ps(p + s, lanes, e);
-                total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
-            }
-            const __m512 inv_total = _mm512_set1_ps(n_keys ? 1.0f / _mm512_reduce_add_ps(total) : 0.0f);
-            __m512 acc[MAX_HEAD_DIM / 16]; /* the head's output, summed over the values in one pass */
-            for (long d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
-            for (long s = 0; s < n_keys; s++) {
-                const __m512 weight = _mm512_set1_ps(p[s]);
-                for (long d = 0; d < D; d += 16)
-                    acc[d / 16] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(vh + s * D + d), acc[d / 16]);
-            }
-            for (long d = 0; d < D; d += 16) _mm512_storeu_ps(out + bh * D + d, _mm512_mul_ps(acc[d / 16], inv_total));
-        }
-        free(p);
     }
-    return failed ? -2 : 0;
+    const attention_strides q_strides = {3 * C, D, 0}, kv_strides = {H * max_len * D, max_len * D, D},
+                            out_strides = {C, D, 0};
+    return attention_f32(qkv, q_strides, k, v, kv_strides, slot, kv_len, out, out_strides, B, H, 1, max_len, D);
 }
 
 /* h, n (B, C): the residual stream and ln_1 of it for the first block; on return, after every block, and ln_f of
  * it. k_cache, v_cache (n_layer, B, H, max_len, D). slot, kv_len (B,): see cached_attention.
- * Returns 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C or D not a multiple of 16, or D over MAX_HEAD_DIM (nothing
+ * Returns 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C or D not a multiple of 16, or D over ATTENTION_MAX_HEAD_DIM (nothing
  * done); -2 when out of memory. */
 int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float *n, long B, long C, long H,
                       float *k_cache, float *v_cache, long max_len, const int *slot, const int *kv_len, float eps) {
     const long D = C / H;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16 || D % 16 || D * H != C || D > MAX_HEAD_DIM) return -1;
+    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16 || D % 16 || D * H != C || D > ATTENTION_MAX_HEAD_DIM) return -1;
     float *qkv = malloc(sizeof(float) * B * 9 * C); /* qkv (B, 3C), then attention and projection (B, C), fc (B, 4C) */
     if (!qkv) return -2;
     float *attn = qkv + B * 3 * C, *proj = attn + B * C, *fc = proj + B * C;

@@ -1,4 +1,4 @@
-/* exp and GPT-2's gelu_new on 16 fp32 lanes (AVX-512), for the CPU kernels in this folder. */
+/* exp, GPT-2's gelu_new and a 16-way horizontal sum on fp32 AVX-512 vectors, for the CPU kernels in this folder. */
 #pragma once
 #include <immintrin.h>
 
@@ -31,3 +31,23 @@ static inline __m512 gelu512(__m512 x) {
 
 /* A mask of the first min(n, 16) lanes. */
 static inline __mmask16 first_lanes(long n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* The 16 sums of a[0..15]: lane i of the result is the sum of a[i]'s lanes. Four levels of pairwise shuffles and
+ * adds, 15 adds in all, where 16 _mm512_reduce_add_ps would take 64 (the reduction ends every block of dot products
+ * in the kernels' inner loops). */
+static inline __m512 sum16(const __m512 a[16]) {
+    __m512 halves[8], quarters[4], eighths[2];
+    for (int i = 0; i < 8; i++) /* lanes 0-7: a[2i]'s two 256-bit halves added; lanes 8-15: a[2i+1]'s */
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                                  _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* 128-bit lane j: 4 partial sums of a[4i + j] */
+        quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                    _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) /* per 128-bit lane j: 2 partial sums of a[8i + j], then 2 of a[8i + 4 + j] */
+        eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0x44),
+                                   _mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0xEE));
+    /* lane 4j + i holds the sum of a[4i + j] */
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
+                                      _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), sums);
+}

@@ -1,0 +1,68 @@
+"""The CPU prefill fp32 matmul kernel (gpt2/prefill_matmul.py, gpt2/csrc/prefill_matmul_f32.c) against F.linear (and
+F.gelu after it), and where it applies. Tolerance: 1e-5 relative to the output's scale, as for the small-batch kernel
+(both sum in fp32 in another order than oneDNN; measured 1-4e-7); the fused gelu_new's exp adds about 1 ulp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2 import cpu_kernels, prefill_matmul
+
+pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (770, 3072), (5, 16), (17, 48), (64, 32)])
+@pytest.mark.parametrize("n_rows", [17, 18, 19, 20, 33, 63, 64])  # full tiles of 4 rows and each partial one
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+@torch.inference_mode()
+def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu):
+    """Row and weight-row counts that leave partial tiles on either side, inputs of any leading shape and strides."""
+    torch.manual_seed(out_features + n_rows)
+    weight = torch.randn(out_features, in_features) * 0.02  # GPT-2's initialisation scale
+    bias = torch.randn(out_features) * 0.02 if with_bias else None
+    inputs = [torch.randn(n_rows, in_features), torch.randn(1, n_rows, in_features),  # (B*T, C), (B, T, C)
+              torch.randn(n_rows, 2 * in_features)[:, :in_features]]  # a strided view
+    for x in inputs:
+        assert prefill_matmul.applies(x, weight, bias)
+        expected = F.linear(x, weight, bias)
+        if gelu:
+            expected = F.gelu(expected, approximate="tanh")
+        got = prefill_matmul.matmul(x, weight, bias, gelu=gelu)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_applies_only_to_what_it_can_take():
+    weight, x = torch.randn(64, 32), torch.randn(17, 32)
+    with torch.inference_mode():
+        assert prefill_matmul.applies(x, weight, None)
+        assert prefill_matmul.applies(torch.randn(2, 32, 32), weight, None)  # batch 2 of a 32-token prompt
+        assert not prefill_matmul.applies(torch.randn(16, 32), weight, None)  # the small-batch kernel's
+        assert not prefill_matmul.applies(torch.randn(65, 32), weight, None)  # oneDNN's GEMM is as fast
+        assert not prefill_matmul.applies(x.bfloat16(), weight.bfloat16(), None)
+        assert not prefill_matmul.applies(torch.randn(17, 24), torch.randn(64, 24), None)  # width % 16 != 0
+        assert not prefill_matmul.applies(x, torch.randn(32, 64).t(), None)  # not contiguous
+        assert not prefill_matmul.applies(x, weight, torch.randn(64).double())
+    assert not prefill_matmul.applies(x, weight.requires_grad_(), None)  # autograd keeps F.linear
+
+
+@torch.inference_mode()
+def test_the_model_uses_it_for_a_short_prompt(monkeypatch):
+    """A batch-1 prompt of 17-64 tokens runs its matmuls on the kernel, with the same logits as oneDNN's."""
+    from gpt2.bench import random_model
+    from gpt2.config import GPT2Config
+
+    model = random_model(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=500))
+    ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    calls = []
+    matmul = prefill_matmul.matmul
+    monkeypatch.setattr(prefill_matmul, "matmul", lambda *args, **kw: calls.append(1) or matmul(*args, **kw))
+    got = model(ids)
+    assert len(calls) == 2 * 4 + 1  # qkv, c_proj, c_fc (with gelu_new) and c_proj per block, the lm_head
+    monkeypatch.setattr(prefill_matmul, "applies", lambda *args: False)
+    expected = model(ids)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
