@@ -1,17 +1,20 @@
-"""fp32 causal attention over the KV cache on the CPU, in C (`csrc/attention_f32.c`), for every forward step that
-does not run its blocks in one call (`gpt2.decode_blocks`): prefill chunks above all.
+"""fp32 causal attention over the KV cache on the CPU, in C (`csrc/attention_f32.c`): prefill chunks above all, and
+decode steps outside `gpt2.decode_blocks` (whose one call runs the same kernel).
 
 torch's SDPA spends a DialoGPT prefill's attention mostly outside its arithmetic: 8 rows of 32 tokens over 12 heads
 of 64 took it 494-831 us a layer (416 us as separate matmul / mask / softmax / matmul ops) for 6 MFLOP. The C kernel
 reads each row's queries from the qkv matmul's output and its keys and values from the cache as they lie (strided
 views, no copies), and writes the heads' outputs straight into the (B, T, C) layout the output projection reads.
 Each query streams its keys and values alone, so where they outgrow L1 SDPA's blocked matmuls win. Measured on an
-AMD EPYC (Zen 4), 2 threads, 12 heads of 64, C kernel / SDPA:
+AMD EPYC (Zen 4), 2 threads, 12 heads of 64 (16 for the 512-token prefill), fastest of 15, C kernel / SDPA:
 
-    rows x queries, keys      8 x 32, 32   1 x 64, 64   1 x 128, 128   1 x 256, 256   1 x 32, 932   8 x 1, 1001
-    C / SDPA                  0.38-0.64    0.72         0.84-0.90      1.08-1.10      1.66-1.71     0.72-0.92
+    rows x new tokens after cached    8 x 32 after 0    1 x 128 after 0   8 x 256 after 0   1 x 512 after 0
+                                      0.47              0.60              0.64              0.71
+                                      1 x 1024 after 0  8 x 32 after 500  1 x 32 after 900  8 x 1 after 1000
+                                      1.07              1.24              1.12              0.26
 
-so chunks of several queries take the kernel up to MAX_CHUNK_KEYS keys, and single queries (decode) always.
+So a chunk of several queries takes the kernel while its queries read at most MAX_AVERAGE_KEYS keys on average,
+and a single query per row (a decode step) always.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .kv_cache import ForwardStep
 
 ELEMENTS_MULTIPLE = 16  # head_dim: the kernel reads heads in 16-float vectors
 MAX_HEAD_DIM = 256  # ATTENTION_MAX_HEAD_DIM in csrc/attention_f32.h
-MAX_CHUNK_KEYS = 128  # a chunk of several queries attending more keys runs on SDPA (see above)
+MAX_AVERAGE_KEYS = 256  # a chunk of several queries reading more keys each, on average, runs on SDPA (see above)
 
 
 class AttentionStrides(ctypes.Structure):
@@ -39,10 +42,10 @@ def _strides(t: torch.Tensor) -> AttentionStrides:
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> bool:
-    """fp32 on the CPU, outside autograd, one query per row or at most MAX_CHUNK_KEYS keys, each head's vector
-    contiguous, keys and values alike in layout, a head_dim the kernel takes and the kernels built."""
-    D = q.shape[-1]
-    return (q.device.type == "cpu" and (q.shape[2] == 1 or step.kv_span <= MAX_CHUNK_KEYS) and q.dtype == k.dtype == v.dtype == torch.float32
+    """fp32 on the CPU, outside autograd, one query per row or queries reading at most MAX_AVERAGE_KEYS keys on average,
+    each head's vector contiguous, keys and values alike in layout, a head_dim the kernel takes and the kernels built."""
+    D, T = q.shape[-1], q.shape[2]
+    return (q.device.type == "cpu" and (T == 1 or step.kv_span - T / 2 <= MAX_AVERAGE_KEYS) and q.dtype == k.dtype == v.dtype == torch.float32
             and q.stride(-1) == k.stride(-1) == 1 and k.stride() == v.stride() and k.shape == v.shape
             and D % ELEMENTS_MULTIPLE == 0 and D <= MAX_HEAD_DIM and k.shape[2] >= step.kv_span
             and step.q_start.dtype == step.kv_len.dtype == torch.int32

@@ -102,10 +102,10 @@ def compile_seconds() -> float:
 
 
 def status() -> str:
-    """One line for benchmark reports: whether fp32 decode steps run on these kernels, and what building them cost."""
+    """One line for benchmark reports: whether fp32 steps run on these kernels, and what building them cost."""
     reason = unavailable_reason()
     if reason is not None:
-        return f"fp32 decode steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
+        return f"fp32 steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
     built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
-    return (f"fp32 decode steps of 1-16 rows: this engine's C kernels (gpt2/cpu_kernels.py; {built}, "
-            "not in the timings)")
+    return (f"fp32 decode steps of 1-16 rows, matmuls of up to 64 rows and attention: this engine's C kernels "
+            f"(gpt2/cpu_kernels.py; {built}, not in the timings)")

@@ -37,7 +37,8 @@ CASES = {  # name: (B, H, head_dim, q_start, n_new, chunk_len)
     "continuing a cache": (2, 2, 16, [9, 40], [20, 3], 20),
     "a row adding nothing": (3, 2, 32, [4, 0, 11], [6, 0, 6], 6),
     "decode": (5, 3, 64, [7, 0, 30, 31, 100], [1, 1, 1, 0, 1], 1),
-    "up to MAX_CHUNK_KEYS": (1, 2, 80, [0], [cpu_attention.MAX_CHUNK_KEYS], cpu_attention.MAX_CHUNK_KEYS),
+    "a long prompt": (1, 2, 64, [0], [300], 300),
+    "MAX_AVERAGE_KEYS keys a query": (1, 2, 80, [cpu_attention.MAX_AVERAGE_KEYS - 16], [32], 32),
     "decode over a long cache": (2, 2, 64, [1000, 500], [1, 1], 1),
 }
 
@@ -82,9 +83,9 @@ def test_keys_past_each_rows_length_are_never_used():
 def test_applies_only_to_what_it_can_take():
     step = ForwardStep.build([0], [8], 8, 1024, torch.device("cpu"))
     q, k, v = inputs(1, 2, 8, 16, step, seed=2)
-    long_chunk = ForwardStep.build([0], [cpu_attention.MAX_CHUNK_KEYS + 1], cpu_attention.MAX_CHUNK_KEYS + 1, 1024,
-                                   torch.device("cpu"))
-    lq, lk, lv = inputs(1, 2, cpu_attention.MAX_CHUNK_KEYS + 1, 16, long_chunk, seed=3)
+    # 32 queries after a cache of 241: they read 257 keys on average
+    long_chunk = ForwardStep.build([cpu_attention.MAX_AVERAGE_KEYS - 15], [32], 32, 1024, torch.device("cpu"))
+    lq, lk, lv = inputs(1, 2, 32, 16, long_chunk, seed=3)
     with torch.inference_mode():
         assert cpu_attention.applies(q, k, v, step)
         assert not cpu_attention.applies(lq, lk, lv, long_chunk)  # SDPA's blocked matmuls are faster there
