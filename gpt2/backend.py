@@ -63,7 +63,7 @@ class TorchBackend:
         weight, bias = layer.weight, getattr(layer, "bias", None)
         if small_batch_matmul.applies(x, weight, bias):  # 1-16 fp32 rows on the CPU: a decode step's matmul
             return small_batch_matmul.matmul(x, weight, bias)
-        if prefill_matmul.applies(x, weight, bias):  # 17-64 fp32 rows on the CPU: a short prefill chunk's
+        if prefill_matmul.applies(x, weight, bias):  # more fp32 rows on the CPU, of a size where it beats oneDNN
             return prefill_matmul.matmul(x, weight, bias)
         if _use_onednn(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -82,7 +82,7 @@ class TorchBackend:
         # matmul, which pays from 8 rows on (DialoGPT-small c_fc at 256 rows: 6.2 ms vs 7.2 ms) but slows the
         # one-row decode GEMV (374 us vs 303 + 20 us for a separate GELU), so single rows keep it separate. 1-16 fp32
         # rows go to the small-batch kernel, which applies it to each block of outputs while they are in L1, and
-        # 17-64 rows to the prefill kernel, which applies it to each tile of outputs. A
+        # the prefill kernel's sizes to it, which applies it to each tile of outputs. A
         # packed bf16 layer fuses it at every row count (DialoGPT-small c_fc: 206 vs 228 us at 1 row).
         if hasattr(layer, "forward_gelu"):
             return layer.forward_gelu(x)

@@ -107,5 +107,5 @@ def status() -> str:
     if reason is not None:
         return f"fp32 steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
     built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
-    return (f"fp32 decode steps of 1-16 rows, matmuls of up to 64 rows and attention: this engine's C kernels "
+    return (f"fp32 decode steps of 1-16 rows, prefill matmuls and attention: this engine's C kernels "
             f"(gpt2/cpu_kernels.py; {built}, not in the timings)")

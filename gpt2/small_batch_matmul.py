@@ -12,8 +12,8 @@ cold; 2 threads, fastest of 7 interleaved, on a machine whose bandwidth drifts 1
     this kernel     12.1 ms    12.1 ms    13.4 ms    17.7 ms    21.9 ms    25.9 ms
 
 (in a quieter minute of the last session, 1 row: 10.0 against 15.1 ms, and a plain max-reduction over the same
-bytes 8.5 ms). A last pass of fewer than 4 rows costs it: 10 rows take 23.2 against 23.8 ms. 17-64 rows go to
-`gpt2.prefill_matmul`, more to oneDNN's GEMM.
+bytes 8.5 ms). A last pass of fewer than 4 rows costs it: 10 rows take 23.2 against 23.8 ms. More rows go to
+`gpt2.prefill_matmul` or oneDNN's GEMM.
 
 The kernel is built with the engine's other C kernels (see `gpt2.cpu_kernels`); where they are unavailable the
 model keeps oneDNN. A decode step of plain fp32 blocks runs its block matmuls inside `gpt2.decode_blocks`; this

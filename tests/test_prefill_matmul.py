@@ -14,8 +14,12 @@ pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                 reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
 
 
-@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (770, 3072), (5, 16), (17, 48), (64, 32)])
-@pytest.mark.parametrize("n_rows", [17, 18, 19, 20, 33, 63, 64])  # full tiles of 4 rows and each partial one
+SHAPES = [(2304, 768), (770, 3072), (5, 16), (17, 48), (64, 32)]  # (out, in) features
+SIZES = ([(n_rows, *shape) for n_rows in (17, 18, 19, 20, 33, 63, 64) for shape in SHAPES]  # each partial tile
+         + [(n_rows, *shape) for n_rows in (65, 201, 256) for shape in SHAPES if shape[1] <= 768])  # up to 256 x 768
+
+
+@pytest.mark.parametrize("n_rows, out_features, in_features", SIZES)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
 @torch.inference_mode()
@@ -42,7 +46,11 @@ def test_applies_only_to_what_it_can_take():
         assert prefill_matmul.applies(x, weight, None)
         assert prefill_matmul.applies(torch.randn(2, 32, 32), weight, None)  # batch 2 of a 32-token prompt
         assert not prefill_matmul.applies(torch.randn(16, 32), weight, None)  # the small-batch kernel's
-        assert not prefill_matmul.applies(torch.randn(65, 32), weight, None)  # oneDNN's GEMM is as fast
+        wide = torch.randn(8, 3072)
+        assert prefill_matmul.applies(torch.randn(64, 3072), wide, None)
+        assert not prefill_matmul.applies(torch.randn(65, 3072), wide, None)  # oneDNN's GEMM is faster
+        assert prefill_matmul.applies(torch.randn(8, 32, 768), torch.randn(8, 768), None)
+        assert not prefill_matmul.applies(torch.randn(257, 768), torch.randn(8, 768), None)
         assert not prefill_matmul.applies(x.bfloat16(), weight.bfloat16(), None)
         assert not prefill_matmul.applies(torch.randn(17, 24), torch.randn(64, 24), None)  # width % 16 != 0
         assert not prefill_matmul.applies(x, torch.randn(32, 64).t(), None)  # not contiguous
