@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -289,8 +290,8 @@ def markdown(results: dict, lines: list[str]) -> str:
         f"Python {m['python']}; {results['threads']} threads for every engine.",
         f"Other processes used {results['other_processes_cores']:.2f} cores on average during the run.",
         f"This engine's {m['cpu_kernels']}.", "",
-        "Command: `python benchmarks/bench_generation.py` (defaults). Plot: `generation.png`; every sample: "
-        "`generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
+        f"Command: `{results.get('command', 'python benchmarks/bench_generation.py')}`. Plot: `generation.png`; "
+        "every sample: `generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -340,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_engines = 2 if args.smoke else 4 + bf16_packing_available() + 2 * args.ctranslate2 + args.compile
     total = len(args.sizes) * len(args.batch) * n_engines * (2 * args.repeats + 2)
-    results: dict = {"machine": machine(), "threads": args.threads, "prompt_len": args.prompt_len,
-                     "new_tokens": args.new_tokens, "repeats": args.repeats, "sizes": {}}
+    command = shlex.join(["python", "benchmarks/bench_generation.py", *(sys.argv[1:] if argv is None else argv)])
+    results: dict = {"machine": machine(), "command": command, "threads": args.threads,
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "sizes": {}}
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for size in args.sizes:
             results["sizes"][size] = run_size(size, args, bar, notes)

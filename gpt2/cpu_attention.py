@@ -42,10 +42,12 @@ def _strides(t: torch.Tensor) -> AttentionStrides:
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> bool:
-    """fp32 on the CPU, outside autograd, one query per row or queries reading at most MAX_AVERAGE_KEYS keys on average,
-    each head's vector contiguous, keys and values alike in layout, a head_dim the kernel takes and the kernels built."""
+    """fp32 on the CPU, outside autograd, one query per row or queries reading at most MAX_AVERAGE_KEYS keys on
+    average, each head's vector contiguous, keys and values alike in layout, a head_dim the kernel takes and the
+    kernels built."""
     D, T = q.shape[-1], q.shape[2]
-    return (q.device.type == "cpu" and (T == 1 or step.kv_span - T / 2 <= MAX_AVERAGE_KEYS) and q.dtype == k.dtype == v.dtype == torch.float32
+    return (q.device.type == "cpu" and (T == 1 or step.kv_span - T / 2 <= MAX_AVERAGE_KEYS)
+            and q.dtype == k.dtype == v.dtype == torch.float32
             and q.stride(-1) == k.stride(-1) == 1 and k.stride() == v.stride() and k.shape == v.shape
             and D % ELEMENTS_MULTIPLE == 0 and D <= MAX_HEAD_DIM and k.shape[2] >= step.kv_span
             and step.q_start.dtype == step.kv_len.dtype == torch.int32

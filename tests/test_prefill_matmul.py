@@ -1,14 +1,13 @@
 """The CPU prefill fp32 matmul kernel (gpt2/prefill_matmul.py, gpt2/csrc/prefill_matmul_f32.c) against F.linear (and
-F.gelu after it), and where it applies. Tolerance: 1e-5 relative to the output's scale, as for the small-batch kernel
-(both sum in fp32 in another order than oneDNN; measured 1-4e-7); the fused gelu_new's exp adds about 1 ulp."""
+F.gelu after it; tolerance in tests/linear_reference.py), and where it applies."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gpt2 import cpu_kernels, prefill_matmul
+from tests.linear_reference import check_matches_linear
 
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                 reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -25,19 +24,7 @@ SIZES = ([(n_rows, *shape) for n_rows in (17, 18, 19, 20, 33, 63, 64) for shape 
 @torch.inference_mode()
 def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu):
     """Row and weight-row counts that leave partial tiles on either side, inputs of any leading shape and strides."""
-    torch.manual_seed(out_features + n_rows)
-    weight = torch.randn(out_features, in_features) * 0.02  # GPT-2's initialisation scale
-    bias = torch.randn(out_features) * 0.02 if with_bias else None
-    inputs = [torch.randn(n_rows, in_features), torch.randn(1, n_rows, in_features),  # (B*T, C), (B, T, C)
-              torch.randn(n_rows, 2 * in_features)[:, :in_features]]  # a strided view
-    for x in inputs:
-        assert prefill_matmul.applies(x, weight, bias)
-        expected = F.linear(x, weight, bias)
-        if gelu:
-            expected = F.gelu(expected, approximate="tanh")
-        got = prefill_matmul.matmul(x, weight, bias, gelu=gelu)
-        assert got.shape == expected.shape
-        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    check_matches_linear(prefill_matmul, n_rows, out_features, in_features, with_bias, gelu)
 
 
 def test_applies_only_to_what_it_can_take():

@@ -1,6 +1,5 @@
 """The CPU small-batch fp32 matmul kernel (gpt2/small_batch_matmul.py, gpt2/csrc/small_batch_matmul_f32.c) against
-F.linear (and F.gelu after it), and where it applies. Tolerance: 1e-5 relative to the output's scale (both sum
-in fp32, in a different order; measured ~1e-7); the fused gelu_new's exp adds about 1 ulp."""
+F.linear (and F.gelu after it; tolerance in tests/linear_reference.py), where it applies, and its gelu_new."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import cpu_kernels, small_batch_matmul
+from tests.linear_reference import check_matches_linear
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -22,19 +22,7 @@ needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
 @torch.inference_mode()
 def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu):
     """Every row count the kernel has (each its own block shape), W row counts that leave partial blocks."""
-    torch.manual_seed(out_features + n_rows)
-    weight = torch.randn(out_features, in_features) * 0.02  # GPT-2's initialisation scale
-    bias = torch.randn(out_features) * 0.02 if with_bias else None
-    inputs = [torch.randn(n_rows, in_features), torch.randn(n_rows, 1, in_features),  # (B, C), (B, T=1, C)
-              torch.randn(n_rows, 2 * in_features)[:, :in_features]]  # a strided view
-    for x in inputs:
-        assert small_batch_matmul.applies(x, weight, bias)
-        expected = F.linear(x, weight, bias)
-        if gelu:
-            expected = F.gelu(expected, approximate="tanh")
-        got = small_batch_matmul.matmul(x, weight, bias, gelu=gelu)
-        assert got.shape == expected.shape
-        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    check_matches_linear(small_batch_matmul, n_rows, out_features, in_features, with_bias, gelu)
 
 
 @needs_kernel

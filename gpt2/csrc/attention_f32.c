@@ -21,7 +21,8 @@ static inline __attribute__((always_inline)) __m512 block_scores(const float *q,
     for (int j = 0; j < 16; j++) {
         const float *key = k + (j < n ? j : n - 1) * ks;
         acc[j] = _mm512_setzero_ps();
-        for (long d = 0; d < D; d += 16) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(key + d), acc[j]);
+        for (long d = 0; d < D; d += 16)
+            acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(key + d), acc[j]);
     }
     return sum16(acc);
 }

@@ -4,9 +4,9 @@
  * Query t of row b sits at position q_start[b] + t and attends keys [0, min(q_start[b] + t + 1, kv_len[b])): key
  * slot == position, as in the KV cache (gpt2/kv_cache.py). A query with no key gets zeros. q (B, H, T, D), k and v
  * (B, H, S, D) with every kv_len <= S (slots past kv_len are read, never used: any values do), and out (B, H, T, D)
- * are given by their element strides (the last dimension contiguous), so q may be a
- * view of the qkv matmul's output, k and v views of the cache, and out any layout. D a multiple of 16, at most
- * ATTENTION_MAX_HEAD_DIM. Returns 0; -1 for a D it does not take (nothing written); -2 when out of memory. */
+ * are given by their element strides (the last dimension contiguous), so q may be a view of the qkv matmul's output,
+ * k and v views of the cache, and out any layout. D a multiple of 16, at most ATTENTION_MAX_HEAD_DIM. Returns 0; -1
+ * for a D it does not take (nothing written); -2 when out of memory. */
 #pragma once
 
 #define ATTENTION_MAX_HEAD_DIM 256 /* a query's output is kept in 16 AVX-512 registers */

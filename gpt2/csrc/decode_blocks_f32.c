@@ -69,8 +69,8 @@ static int cached_attention(const float *qkv, float *k, float *v, const int *slo
 
 /* h, n (B, C): the residual stream and ln_1 of it for the first block; on return, after every block, and ln_f of
  * it. k_cache, v_cache (n_layer, B, H, max_len, D). slot, kv_len (B,): see cached_attention.
- * Returns 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C or D not a multiple of 16, or D over ATTENTION_MAX_HEAD_DIM (nothing
- * done); -2 when out of memory. */
+ * Returns 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C or D not a multiple of 16, or D over ATTENTION_MAX_HEAD_DIM
+ * (nothing done); -2 when out of memory. */
 int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float *n, long B, long C, long H,
                       float *k_cache, float *v_cache, long max_len, const int *slot, const int *kv_len, float eps) {
     const long D = C / H;

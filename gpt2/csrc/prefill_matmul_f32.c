@@ -61,7 +61,8 @@ int prefill_matmul_f32(const float *W, const float *X, const float *b, float *Y,
             const long r = blk * 4, n_w = rows - r < 4 ? rows - r : 4;
             /* the thread's next block of W, 64-byte lines of it spread over this block's tiles */
             const char *next = (const char *)(W + (r + 4) * cols);
-            const long next_lines = r + 4 < rows ? 4 * cols * (long)sizeof(float) / 64 : 0, tiles = (end - chunk + 3) / 4;
+            const long next_lines = r + 4 < rows ? 4 * cols * (long)sizeof(float) / 64 : 0;
+            const long tiles = (end - chunk + 3) / 4;
             const long lines_per_tile = (next_lines + tiles - 1) / tiles;
             for (long j = chunk; j < end; j += 4) {
                 const long n_x = end - j < 4 ? end - j : 4;
