@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
 from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, cpu_times, format_table,  # noqa: E402
                         low_precision_engines, measure, other_cores, peak_rss_growth_mb, random_prompts,
-                        reference_pair, this_engine, transformers_engine, wait_for_quiet)
+                        reference_pair, steal_seconds, this_engine, transformers_engine, wait_for_quiet)
 from gpt2 import cpu_kernels  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.packed_linear import bf16_packing_available  # noqa: E402
@@ -288,7 +288,8 @@ def markdown(results: dict, lines: list[str]) -> str:
         "# Generation benchmark", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}; {versions}; "
         f"Python {m['python']}; {results['threads']} threads for every engine.",
-        f"Other processes used {results['other_processes_cores']:.2f} cores on average during the run.",
+        f"Other processes used {results['other_processes_cores']:.2f} cores on average during the run, other guests "
+        f"of the host (steal time) {results.get('steal_cores', 0.0):.2f}.",
         f"This engine's {m['cpu_kernels']}.", "",
         f"Command: `{results.get('command', 'python benchmarks/bench_generation.py')}`. Plot: `generation.png`; "
         "every sample: `generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh inductor cache, so the compile cost reported is the cold one-time cost.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     args.out.mkdir(parents=True, exist_ok=True)
-    start = cpu_times()
+    start, steal_start = cpu_times(), steal_seconds()
     notes: list[str] = [] if bf16_packing_available() else [BF16_SKIPPED]
     if importlib.util.find_spec("transformers") is None:
         print("transformers is required: pip install 'dialogpt-engine[bench]'", file=sys.stderr)
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             results["sizes"][size] = run_size(size, args, bar, notes)
     results["other_processes_cores"] = other_cores(start)
+    results["steal_cores"] = (steal_seconds() - steal_start) / max(cpu_times()[2] - start[2], 1e-9)
     results["notes"] = notes
     lines = [*summary_lines(results), *notes,
              f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median "
@@ -362,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print()
     print("\n".join(lines))
-    print(f"other processes used {results['other_processes_cores']:.2f} cores on average during the run")
+    print(f"other processes used {results['other_processes_cores']:.2f} cores on average during the run, "
+          f"other guests of the host (steal time) {results['steal_cores']:.2f}")
     print(f"wrote generation.json, generation.md, README-table.md and generation.png to {args.out}")
     return 0
 

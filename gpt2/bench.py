@@ -173,6 +173,17 @@ def cpu_times() -> tuple[float, float, float]:
     return busy, sum(os.times()[:4]), time.monotonic()
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has given this machine's cores to other guests (Linux /proc/stat "steal"; 0 where
+    it cannot be read). A co-tenant VM slows every two-thread region but is not among this machine's processes."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def other_cores(since: tuple[float, float, float]) -> float:
     """Average number of cores other processes kept busy since the `cpu_times()` sample `since`."""
     busy, own, now = cpu_times()

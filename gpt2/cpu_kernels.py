@@ -1,6 +1,6 @@
 """This engine's C kernels for the CPU (`gpt2/csrc/`), built once with the system C compiler.
 
-The sources are compiled together (`cc -O3 -mavx512f -mfma -fopenmp`, 1-1.5 s) into one shared library in the
+The sources are compiled together (`cc -O3 -mavx512f -mfma -fopenmp`, about 1.7 s) into one shared library in the
 engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and the command,
 and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on torch's threads.
 Without AVX-512 or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps torch's ops; `unavailable_reason()`
