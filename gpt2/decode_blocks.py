@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from . import cpu_kernels, small_batch_matmul
+from . import cpu_attention, cpu_kernels, small_batch_matmul
 from .kv_cache import ForwardStep, KVCache
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 MAX_ROWS = small_batch_matmul.MAX_ROWS  # each block's matmuls run on the small-batch kernel
 ELEMENTS_MULTIPLE = 16  # n_embd and head_dim: the kernel reads rows and heads in 16-float vectors
-MAX_HEAD_DIM = 256  # a head's attention output is kept in 16 AVX-512 registers
+MAX_HEAD_DIM = cpu_attention.MAX_HEAD_DIM  # each block's attention runs on that kernel
 
 
 class BlockWeights(ctypes.Structure):

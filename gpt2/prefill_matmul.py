@@ -20,6 +20,11 @@ DialoGPT-medium's at 256 rows (1024 in) qkv 193 / 196, c_fc 251 / 262. So it tak
 of any width, and more while x holds at most MAX_INPUT_FLOATS (256 rows of 768, small's prefill of 8 x 32 tokens);
 1-16 rows go to `gpt2.small_batch_matmul`, the rest to oneDNN. DialoGPT-small's 32-token prefill at batch 1 went
 from 52.4 to 46.8 ms and medium's from 253.0 to 196.5 ms (with `gpt2.cpu_attention`, median of 11 and 7).
+
+The table above is from before the prefetch. A rerun with it, in a slower stretch of the machine (oneDNN 20-25%
+slower than above), kept the lead at 32 rows (768 x 2304: 148 / 192, 3072 x 768: 149 / 173, 1024 x 4096: 134 / 162,
+1280 x 3840: 123 / 133) but not at 64 rows of the wide inputs (3072 x 768: 179 / 153, 1024 x 4096: 160 / 156), with
+or without the prefetch (161, 155): MAX_ROWS_ANY_WIDTH wants measuring again across quieter and busier minutes.
 """
 
 from __future__ import annotations
@@ -30,20 +35,13 @@ from . import cpu_kernels, small_batch_matmul
 
 MAX_ROWS_ANY_WIDTH = 64
 MAX_INPUT_FLOATS = 256 * 768
-COLS_MULTIPLE = 16  # the kernel reads each row of x and W in 16-float vectors
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """More than 16 fp32 rows on the CPU, of the sizes where the kernel wins (see above), against a contiguous fp32
-    weight whose width it takes, outside autograd."""
-    cols = weight.shape[1]
-    rows = x.numel() // cols if x.shape[-1] == cols else 0
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
-            and small_batch_matmul.MAX_ROWS < rows and (rows <= MAX_ROWS_ANY_WIDTH or rows * cols <= MAX_INPUT_FLOATS)
-            and cols % COLS_MULTIPLE == 0
-            and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and cpu_kernels.library() is not None)
+    weight whose width it takes, outside autograd (`small_batch_matmul.kernel_rows`)."""
+    rows = small_batch_matmul.kernel_rows(x, weight, bias)
+    return small_batch_matmul.MAX_ROWS < rows and (rows <= MAX_ROWS_ANY_WIDTH or x.numel() <= MAX_INPUT_FLOATS)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:

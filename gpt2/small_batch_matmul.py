@@ -34,11 +34,18 @@ COLS_MULTIPLE = 16  # the kernel reads each row of x and W in 16-float vectors
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """1-16 fp32 rows on the CPU against a contiguous fp32 weight whose width the kernel takes, outside autograd."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
-            and x.shape[-1] == weight.shape[1] and 1 <= x.numel() // weight.shape[1] <= MAX_ROWS
-            and weight.shape[1] % COLS_MULTIPLE == 0 and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and cpu_kernels.library() is not None)
+    return 1 <= kernel_rows(x, weight, bias) <= MAX_ROWS
+
+
+def kernel_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """x's row count where a C matmul kernel of `run_matmul_kernel`'s signature takes these tensors (fp32 on the CPU,
+    a contiguous weight of a width in whole vectors, outside autograd, the kernels built), else 0."""
+    cols = weight.shape[1]
+    takes = (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+             and x.shape[-1] == cols and cols % COLS_MULTIPLE == 0 and (bias is None or bias.dtype == torch.float32)
+             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+             and cpu_kernels.library() is not None)
+    return x.numel() // cols if takes else 0
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
