@@ -34,13 +34,15 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
 from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, cpu_times, format_table,  # noqa: E402
-                        low_precision_engines, measure, other_cores, peak_rss_growth_mb, random_prompts,
+                        low_precision_engines, measure, other_cores, paired_prefill_ratios, peak_rss_growth_mb,
+                        random_prompts,
                         reference_pair, steal_seconds, this_engine, transformers_engine, wait_for_quiet)
 from gpt2 import cpu_kernels  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.packed_linear import bf16_packing_available  # noqa: E402
 
 REFERENCE = "transformers eager"
+BASELINE = "transformers sdpa"  # what the speed ratios are taken against
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per engine, interleaved; medians reported")
+    p.add_argument("--prefill-samples", type=int, default=3,
+                   help="one-token generates per engine in each repeat: prefill medians over repeats x this")
     p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 intra-op threads")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip transformers + torch.compile")
     p.add_argument("--no-ctranslate2", dest="ctranslate2", action="store_false")
@@ -60,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], [1, 2], 8, 3, 1
+        args.prefill_samples = 1
         args.compile = args.ctranslate2 = False
     return args
 
@@ -194,7 +199,7 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
         bar.update()
     bar.set_postfix_str(f"batch {batch}: timing")
     timings = measure(engines, prompts, args.new_tokens, args.repeats, progress=bar.update,
-                      quiet_wait_s=0.0 if args.smoke else 20.0, bound=probe)
+                      quiet_wait_s=0.0 if args.smoke else 20.0, bound=probe, prefill_samples=args.prefill_samples)
     memory = {}
     for engine in engines:
         bar.set_postfix_str(f"batch {batch}: memory {engine.name}")
@@ -213,7 +218,10 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
             "agreement": agreement(outputs[engine.name], reference),
             "tokens_generated": [len(row) for row in outputs[engine.name]],
             "samples_s": {"one_token": t.one, "all_tokens": t.full},
+            "steal_s": {"one_token": t.one_steal, "all_tokens": t.full_steal},
         }
+        if engine.name != BASELINE and BASELINE in timings:
+            engines_out[engine.name]["prefill_speedup_by_repeat"] = paired_prefill_ratios(timings[BASELINE], t)
     if compile_cost is not None:
         engines_out["transformers static+compile"]["compile_s"] = compile_cost
     return {"batch": batch, "engines": engines_out}
@@ -249,6 +257,14 @@ def summary_lines(results: dict) -> list[str]:
                          f"{q['logit_std']:.3f}), relative RMS {q['rel_rms']:.4f}, top-1 agreement "
                          f"{q['top1_agreement']:.3f}")
         lines += compile_cost_lines(size, res["runs"], "transformers static+compile")
+        for run in res["runs"]:
+            ours, base = run["engines"].get("this engine"), run["engines"].get(BASELINE)
+            if ours and base and "prefill_speedup_by_repeat" in ours:
+                paired = ours["prefill_speedup_by_repeat"]
+                lines.append(f"{size} batch {run['batch']}, this engine against {BASELINE}: prefill "
+                             f"{base['prefill_ms'] / ours['prefill_ms']:.2f}x faster (medians; within each repeat "
+                             f"{min(paired):.2f}-{max(paired):.2f}x), decode step {ours['decode_ms'] / base['decode_ms']:.2f}x "
+                             "its time")
     return lines
 
 
@@ -341,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         print("transformers is required: pip install 'dialogpt-engine[bench]'", file=sys.stderr)
         return 2
     n_engines = 2 if args.smoke else 4 + bf16_packing_available() + 2 * args.ctranslate2 + args.compile
-    total = len(args.sizes) * len(args.batch) * n_engines * (2 * args.repeats + 2)
+    total = len(args.sizes) * len(args.batch) * n_engines * ((args.prefill_samples + 1) * args.repeats + 2)
     command = shlex.join(["python", "benchmarks/bench_generation.py", *(sys.argv[1:] if argv is None else argv)])
     results: dict = {"machine": machine(), "command": command, "threads": args.threads,
-                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "sizes": {}}
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "prefill_samples": args.prefill_samples, "sizes": {}}
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for size in args.sizes:
             results["sizes"][size] = run_size(size, args, bar, notes)
@@ -353,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     results["notes"] = notes
     lines = [*summary_lines(results), *notes,
              f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median "
-             f"of {args.repeats} interleaved repeats; agreement: share of tokens matching {REFERENCE} (sdpa in "
+             f"of {args.repeats} interleaved repeats ({args.prefill_samples} prefills per engine in each); agreement: share of tokens matching {REFERENCE} (sdpa in "
              "--smoke) before a row's first divergence; x bound: batch-1 decode step / weight-streaming bound; "
              "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded); "
              "CTranslate2 runs in a worker process per compute type, timed through a pipe"]

@@ -46,12 +46,16 @@ class Engine:
 
 @dataclass
 class Timing:
-    """Seconds per call of one engine over the repeats: one-token generates and n-token generates."""
+    """Seconds per call of one engine over the repeats: one-token generates (one_per_repeat of them in each repeat,
+    in order) and n-token generates; beside each sample, the host's steal time during it (`steal_seconds`)."""
 
     batch: int
     n_new: int
     one: list[float] = field(default_factory=list)
     full: list[float] = field(default_factory=list)
+    one_per_repeat: int = 1
+    one_steal: list[float] = field(default_factory=list)
+    full_steal: list[float] = field(default_factory=list)
 
     @property
     def prefill_ms(self) -> float:
@@ -70,6 +74,17 @@ class Timing:
     @property
     def tokens_per_s(self) -> float:
         return self.batch * self.n_new / statistics.median(self.full)
+
+    def prefill_by_repeat(self) -> list[float]:
+        """Median one-token generate (prefill) seconds within each repeat."""
+        k = self.one_per_repeat
+        return [statistics.median(self.one[i:i + k]) for i in range(0, len(self.one), k)]
+
+
+def paired_prefill_ratios(baseline: Timing, timing: Timing) -> list[float]:
+    """Per repeat, the baseline's prefill time over this one's: ratios of samples taken seconds apart, which a slow
+    stretch of the machine moves less than the ratio of whole-run medians."""
+    return [b / t for b, t in zip(baseline.prefill_by_repeat(), timing.prefill_by_repeat())]
 
 
 def random_prompts(batch: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -207,14 +222,16 @@ def wait_for_quiet(max_wait_s: float = 20.0, below_cores: float = 0.25, window_s
 
 def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, repeats: int,
             progress: Callable[[], None] | None = None, quiet_wait_s: float = 0.0,
-            bound: BoundProbe | None = None) -> dict[str, Timing]:
-    """Interleaved timing: each repeat runs every engine for one token, then for n_new tokens; with
-    quiet_wait_s > 0 each pair waits up to that long for the machine to be quiet (see `wait_for_quiet`).
-    A bound probe is sampled at the start of each repeat, so the bound spans the same minutes."""
+            bound: BoundProbe | None = None, prefill_samples: int = 1) -> dict[str, Timing]:
+    """Interleaved timing: each repeat runs every engine for one token (prefill_samples times), then for n_new
+    tokens; with quiet_wait_s > 0 each engine's turn waits up to that long for the machine to be quiet (see
+    `wait_for_quiet`). A bound probe is sampled at the start of each repeat, so the bound spans the same minutes."""
     if n_new < 2:
         raise ValueError("n_new must be at least 2 to separate decode from prefill")
+    if prefill_samples < 1:
+        raise ValueError(f"prefill_samples must be at least 1, got {prefill_samples}")
     engines = list(engines)
-    timings = {e.name: Timing(len(prompts), n_new) for e in engines}
+    timings = {e.name: Timing(len(prompts), n_new, one_per_repeat=prefill_samples) for e in engines}
     for _ in range(repeats):
         if bound is not None:
             if quiet_wait_s > 0:
@@ -223,10 +240,12 @@ def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, rep
         for engine in engines:
             if quiet_wait_s > 0:
                 wait_for_quiet(quiet_wait_s)
-            for n, samples in ((1, timings[engine.name].one), (n_new, timings[engine.name].full)):
-                start = time.perf_counter()
+            t = timings[engine.name]
+            for n, samples, steal in [(1, t.one, t.one_steal)] * prefill_samples + [(n_new, t.full, t.full_steal)]:
+                stolen, start = steal_seconds(), time.perf_counter()
                 engine.generate(prompts, n)
                 samples.append(time.perf_counter() - start)
+                steal.append(steal_seconds() - stolen)
                 if progress is not None:
                     progress()
     return timings

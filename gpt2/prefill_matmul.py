@@ -21,10 +21,19 @@ of any width, and more while x holds at most MAX_INPUT_FLOATS (256 rows of 768, 
 1-16 rows go to `gpt2.small_batch_matmul`, the rest to oneDNN. DialoGPT-small's 32-token prefill at batch 1 went
 from 52.4 to 46.8 ms and medium's from 253.0 to 196.5 ms (with `gpt2.cpu_attention`, median of 11 and 7).
 
-The table above is from before the prefetch. A rerun with it, in a slower stretch of the machine (oneDNN 20-25%
-slower than above), kept the lead at 32 rows (768 x 2304: 148 / 192, 3072 x 768: 149 / 173, 1024 x 4096: 134 / 162,
-1280 x 3840: 123 / 133) but not at 64 rows of the wide inputs (3072 x 768: 179 / 153, 1024 x 4096: 160 / 156), with
-or without the prefetch (161, 155): MAX_ROWS_ANY_WIDTH wants measuring again across quieter and busier minutes.
+The table above is from before the prefetch, and before inputs wider than 1024 were summed in slices of 512 (each
+slice's partial sums added into y): whole, a 4-row weight block of 3072 or 4096 floats no longer stays in L1 while x
+streams past it. Rerun with both, weights streamed from DRAM (rotating copies over 80 MB), median of 12 interleaved,
+oneDNN / before slicing / now:
+
+    rows   3072 x 768         4096 x 1024        1024 x 4096 + gelu  768 x 2304 (not sliced)
+    32     131 / 122 / 146    143 / 145 / 159    109 / 122 / 123     115 / 146 / 140
+    64     161 / 129 / 177    174 / 153 / 197    144 / 172 / 175     144 / 191 / 186
+    128    188 / 145 / 189    187 / 151 / 187
+    256    196 / 153 / 176    203 / 141 / 177
+
+So slicing turned a loss at 64 rows of the wide inputs into a win, and MAX_ROWS_ANY_WIDTH stays 64 (a tie at 128).
+Slicing 768- and 1024-wide inputs too cost 4-7% at 256 rows (768 x 2304: 215 -> 200), so they stay whole.
 """
 
 from __future__ import annotations

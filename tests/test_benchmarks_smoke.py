@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from gpt2.bench import Timing, agreement, format_table
+from gpt2.bench import Engine, Timing, agreement, format_table, measure, paired_prefill_ratios
 from gpt2.cli import main
 from gpt2.packed_linear import bf16_packing_available
 
@@ -64,6 +64,27 @@ def test_timing_separates_prefill_from_decode():
     assert abs(t.decode_ms - (51.0 - 11.0) / 4) < 1e-9
     assert abs(t.best_decode_ms - (50.0 - 10.0) / 4) < 1e-9
     assert abs(t.tokens_per_s - 2 * 5 / 0.051) < 1e-9
+
+
+def test_prefill_ratios_pair_samples_of_the_same_repeat():
+    """Each repeat's prefill median against the baseline's from that repeat: a slow repeat moves both engines."""
+    ours = Timing(batch=8, n_new=4, one=[0.20, 0.21, 0.22, 0.30, 0.31, 0.29], one_per_repeat=3)
+    baseline = Timing(batch=8, n_new=4, one=[0.40, 0.42, 0.41, 0.60, 0.62, 0.61], one_per_repeat=3)
+    assert ours.prefill_by_repeat() == [0.21, 0.30]
+    assert paired_prefill_ratios(baseline, ours) == [0.41 / 0.21, 0.61 / 0.30]
+    assert abs(ours.prefill_ms - 255.0) < 1e-9  # the plain median over every sample
+
+
+def test_measure_takes_prefill_samples_per_repeat():
+    calls = []
+    engine = Engine("fake", lambda prompts, n: calls.append(n) or [[0] * n for _ in prompts])
+    timings = measure([engine], [[1, 2]], n_new=3, repeats=2, prefill_samples=3)
+    assert calls == [1, 1, 1, 3, 1, 1, 1, 3]
+    t = timings["fake"]
+    assert len(t.one) == len(t.one_steal) == 6 and len(t.full) == len(t.full_steal) == 2
+    assert len(t.prefill_by_repeat()) == 2
+    with pytest.raises(ValueError, match="prefill_samples"):
+        measure([engine], [[1, 2]], n_new=3, repeats=1, prefill_samples=0)
 
 
 def test_agreement_counts_tokens_before_the_first_divergence():

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                 reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
 
 
-SHAPES = [(2304, 768), (770, 3072), (5, 16), (17, 48), (64, 32)]  # (out, in) features
+# (out, in) features; inputs over 1024 wide are summed in slices of 512: 3072 in six, 1040 in two and a partial one
+SHAPES = [(2304, 768), (770, 3072), (21, 1040), (33, 1024), (5, 16), (17, 48), (64, 32)]
 SIZES = ([(n_rows, *shape) for n_rows in (17, 18, 19, 20, 33, 63, 64) for shape in SHAPES]  # each partial tile
          + [(n_rows, *shape) for n_rows in (65, 201, 256) for shape in SHAPES if shape[1] <= 768])  # up to 256 x 768
 
