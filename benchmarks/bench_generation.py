@@ -183,6 +183,7 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost, probe))
     result["bound"] = vars(probe.result())
+    result["bound"]["sample_kernels"] = probe.sample_kernels
     for engine in engines:
         if engine.close is not None:
             engine.close()
@@ -263,8 +264,8 @@ def summary_lines(results: dict) -> list[str]:
                 paired = ours["prefill_speedup_by_repeat"]
                 lines.append(f"{size} batch {run['batch']}, this engine against {BASELINE}: prefill "
                              f"{base['prefill_ms'] / ours['prefill_ms']:.2f}x faster (medians; within each repeat "
-                             f"{min(paired):.2f}-{max(paired):.2f}x), decode step {ours['decode_ms'] / base['decode_ms']:.2f}x "
-                             "its time")
+                             f"{min(paired):.2f}-{max(paired):.2f}x), decode step "
+                             f"{ours['decode_ms'] / base['decode_ms']:.2f}x its time")
     return lines
 
 
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     results["notes"] = notes
     lines = [*summary_lines(results), *notes,
              f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new greedy tokens, median "
-             f"of {args.repeats} interleaved repeats ({args.prefill_samples} prefills per engine in each); agreement: share of tokens matching {REFERENCE} (sdpa in "
+             f"of {args.repeats} interleaved repeats ({args.prefill_samples} prefills per engine in each); agreement: "
+             f"share of tokens matching {REFERENCE} (sdpa in "
              "--smoke) before a row's first divergence; x bound: batch-1 decode step / weight-streaming bound; "
              "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded); "
              "CTranslate2 runs in a worker process per compute type, timed through a pipe"]

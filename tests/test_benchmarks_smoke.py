@@ -6,13 +6,14 @@ import json
 import multiprocessing
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
-from gpt2.bench import Engine, Timing, agreement, format_table, measure, paired_prefill_ratios
+from gpt2.bench import SIZES, BoundProbe, Engine, Timing, agreement, format_table, measure, paired_prefill_ratios
 from gpt2.cli import main
 from gpt2.packed_linear import bf16_packing_available
 
@@ -73,6 +74,16 @@ def test_prefill_ratios_pair_samples_of_the_same_repeat():
     assert ours.prefill_by_repeat() == [0.21, 0.30]
     assert paired_prefill_ratios(baseline, ours) == [0.41 / 0.21, 0.61 / 0.30]
     assert abs(ours.prefill_ms - 255.0) < 1e-9  # the plain median over every sample
+
+
+def test_bound_probe_keeps_the_fastest_kernel_of_each_sample():
+    probe = BoundProbe(SIZES["tiny"], repeats=1)
+    assert len(probe.samples_ms) == 1 and probe.sample_kernels[0] in probe.kernels
+    probe.kernels = {"slow": lambda: time.sleep(0.005), "fast": lambda: None}
+    probe.sample(repeats=1)
+    assert probe.sample_kernels[-1] == "fast" and probe.samples_ms[-1] < 5.0
+    probe.sample(repeats=1)
+    assert probe.result().gemv_kernel == "fast" and len(probe.result().samples_ms) == 3
 
 
 def test_measure_takes_prefill_samples_per_repeat():
