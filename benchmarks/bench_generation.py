@@ -35,8 +35,8 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
 from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, cpu_times, format_table,  # noqa: E402
                         low_precision_engines, measure, other_cores, paired_prefill_ratios, peak_rss_growth_mb,
-                        random_prompts,
-                        reference_pair, steal_seconds, this_engine, transformers_engine, wait_for_quiet)
+                        random_prompts, reference_pair, steal_seconds, this_engine, transformers_engine,
+                        wait_for_quiet)
 from gpt2 import cpu_kernels  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.packed_linear import bf16_packing_available  # noqa: E402
@@ -183,7 +183,6 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost, probe))
     result["bound"] = vars(probe.result())
-    result["bound"]["sample_kernels"] = probe.sample_kernels
     for engine in engines:
         if engine.close is not None:
             engine.close()

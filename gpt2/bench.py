@@ -272,6 +272,7 @@ class StreamingBound:
     gemv_kernel: str
     read_ms: float  # a max-reduction over the same bytes: the plain read, no arithmetic
     samples_ms: list[float]  # each the fastest of a few GEMVs, taken between the engines' repeats
+    sample_kernels: list[str]  # the GEMV kernel that was fastest in each sample
 
 
 def decode_weight_floats(config: GPT2Config) -> int:
@@ -295,9 +296,10 @@ class BoundProbe:
         rows = decode_weight_floats(config) // C
         x = torch.randn(C)
         w = huge_page_copy(torch.randn(rows, C))  # the memory the model's weights live in (see gpt2.loading)
+        w_t = w.view(C, rows)  # the same bytes as an (n_embd, rows) matrix
         self.kernels: dict[str, Callable[[], object]] = {  # each reads all of w once
             "torch.mv (MKL)": lambda: torch.mv(w, x),
-            "x @ W, W (n_embd, rows) (MKL)": lambda: x @ w.view(C, rows),
+            "x @ W, W (n_embd, rows) (MKL)": lambda: x @ w_t,
         }
         if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             self.kernels["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x[None], w, None, "none", [], "")
@@ -319,7 +321,7 @@ class BoundProbe:
     def result(self) -> StreamingBound:
         kernel = statistics.mode(self.sample_kernels)
         return StreamingBound(self.n_bytes, statistics.median(self.samples_ms), kernel, self.read_ms,
-                              list(self.samples_ms))
+                              list(self.samples_ms), list(self.sample_kernels))
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -365,8 +367,9 @@ class CudaBoundProbe:
         self.samples_ms.append(cuda_ms(lambda: torch.mv(self._weight, self._x)))
 
     def result(self) -> StreamingBound:
-        return StreamingBound(self.n_bytes, statistics.median(self.samples_ms), "torch.mv fp16 (cuBLAS)",
-                              self.read_ms, list(self.samples_ms))
+        kernel = "torch.mv fp16 (cuBLAS)"
+        return StreamingBound(self.n_bytes, statistics.median(self.samples_ms), kernel, self.read_ms,
+                              list(self.samples_ms), [kernel] * len(self.samples_ms))
 
 
 def rss_bytes() -> int:

@@ -35,6 +35,7 @@ def test_bench_generation_smoke(tmp_path):
         assert engines["this engine"]["tokens_generated"] == [3] * r["batch"]
         assert engines["this engine"]["decode_ms"] >= 0 and engines["this engine"]["prefill_ms"] > 0
     assert len(tiny["bound"]["samples_ms"]) == 1 + 2  # at set-up, then before the one repeat of each batch
+    assert len(tiny["bound"]["sample_kernels"]) == len(tiny["bound"]["samples_ms"])
     assert tiny["bound"]["gemv_ms"] > 0 and tiny["logit_error"]["this engine int8"]["rel_rms"] < 0.03
     if bf16_packing_available():
         assert tiny["logit_error"]["this engine bf16"]["rel_rms"] < 0.03
@@ -83,7 +84,9 @@ def test_bound_probe_keeps_the_fastest_kernel_of_each_sample():
     probe.sample(repeats=1)
     assert probe.sample_kernels[-1] == "fast" and probe.samples_ms[-1] < 5.0
     probe.sample(repeats=1)
-    assert probe.result().gemv_kernel == "fast" and len(probe.result().samples_ms) == 3
+    result = probe.result()
+    assert result.gemv_kernel == "fast" and len(result.samples_ms) == 3
+    assert result.sample_kernels == [probe.sample_kernels[0], "fast", "fast"]
 
 
 def test_measure_takes_prefill_samples_per_repeat():
