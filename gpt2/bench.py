@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu_kernels
+from . import cpu_kernels, small_batch_matmul
 from .config import GPT2Config
 from .huge_pages import huge_page_copy, huge_page_weights
 from .model import GPT2
@@ -56,6 +56,7 @@ class Timing:
     one_per_repeat: int = 1
     one_steal: list[float] = field(default_factory=list)
     full_steal: list[float] = field(default_factory=list)
+    bound_ms: list[float] = field(default_factory=list)  # the bound sampled just before each n-token generate
 
     @property
     def prefill_ms(self) -> float:
@@ -79,6 +80,21 @@ class Timing:
         """Median one-token generate (prefill) seconds within each repeat."""
         k = self.one_per_repeat
         return [statistics.median(self.one[i:i + k]) for i in range(0, len(self.one), k)]
+
+    def decode_by_repeat(self) -> list[float]:
+        """Per repeat, ms per decode step: its n-token generate less its median one-token one, over n - 1 steps."""
+        return [max(full - one, 0.0) / (self.n_new - 1) * 1e3 for full, one in zip(self.full, self.prefill_by_repeat())]
+
+    def decode_to_bound_by_repeat(self) -> list[float]:
+        """Per repeat, the decode step over the weight-streaming bound sampled just before that generate (see
+        `measure`): both from the same seconds, so a slow stretch of the machine moves both."""
+        return [d / b for d, b in zip(self.decode_by_repeat(), self.bound_ms)]
+
+    @property
+    def decode_to_bound(self) -> float | None:
+        """The median of `decode_to_bound_by_repeat`; None where no bound was sampled."""
+        ratios = self.decode_to_bound_by_repeat()
+        return statistics.median(ratios) if ratios else None
 
 
 def paired_prefill_ratios(baseline: Timing, timing: Timing) -> list[float]:
@@ -225,7 +241,9 @@ def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, rep
             bound: BoundProbe | None = None, prefill_samples: int = 1) -> dict[str, Timing]:
     """Interleaved timing: each repeat runs every engine for one token (prefill_samples times), then for n_new
     tokens; with quiet_wait_s > 0 each engine's turn waits up to that long for the machine to be quiet (see
-    `wait_for_quiet`). A bound probe is sampled at the start of each repeat, so the bound spans the same minutes."""
+    `wait_for_quiet`). A bound probe is sampled just before each n-token generate, each sample kept beside the
+    timing it precedes (`Timing.bound_ms`): this machine's bandwidth drifts within minutes, and a ratio of samples
+    seconds apart drifts less than one of medians over the run."""
     if n_new < 2:
         raise ValueError("n_new must be at least 2 to separate decode from prefill")
     if prefill_samples < 1:
@@ -233,15 +251,14 @@ def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, rep
     engines = list(engines)
     timings = {e.name: Timing(len(prompts), n_new, one_per_repeat=prefill_samples) for e in engines}
     for _ in range(repeats):
-        if bound is not None:
-            if quiet_wait_s > 0:
-                wait_for_quiet(quiet_wait_s)
-            bound.sample()
         for engine in engines:
             if quiet_wait_s > 0:
                 wait_for_quiet(quiet_wait_s)
             t = timings[engine.name]
             for n, samples, steal in [(1, t.one, t.one_steal)] * prefill_samples + [(n_new, t.full, t.full_steal)]:
+                if n == n_new and bound is not None:
+                    bound.sample()
+                    t.bound_ms.append(bound.samples_ms[-1])
                 stolen, start = steal_seconds(), time.perf_counter()
                 engine.generate(prompts, n)
                 samples.append(time.perf_counter() - start)
@@ -271,7 +288,7 @@ class StreamingBound:
     gemv_ms: float  # median over the run of the fastest matrix-vector product over one weight-sized matrix
     gemv_kernel: str
     read_ms: float  # a max-reduction over the same bytes: the plain read, no arithmetic
-    samples_ms: list[float]  # each the fastest of a few GEMVs, taken between the engines' repeats
+    samples_ms: list[float]  # each the fastest of a few GEMVs: one at set-up, then one before each timed decode
     sample_kernels: list[str]  # the GEMV kernel that was fastest in each sample
 
 
@@ -288,7 +305,10 @@ class BoundProbe:
     29 ms within an hour here), so a bound taken once, minutes away from an engine's timings, makes ratios
     that drift with it. Each `sample()` times every GEMV kernel on one weight-sized matrix and keeps the fastest;
     the bound is the median of the samples. (A kernel chosen once, from one fastest-of-7 at set-up, stayed the one
-    timed for the whole run even where another was faster later.)
+    timed for the whole run even where another was faster later.) The kernels are MKL's two layouts, oneDNN's
+    and, where built, this engine's own small-batch matmul: over the small shape's weights it was 9-22% faster than
+    the fastest of the others here (3 samples), over medium's -1 to 10%, so a bound without it would credit an
+    engine for a slower GEMV than the machine runs.
     """
 
     def __init__(self, config: GPT2Config, repeats: int = 7) -> None:
@@ -303,6 +323,8 @@ class BoundProbe:
         }
         if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             self.kernels["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x[None], w, None, "none", [], "")
+        if small_batch_matmul.applies(x[None], w, None):
+            self.kernels["small-batch matmul (C, this engine's)"] = lambda: small_batch_matmul.matmul(x[None], w, None)
         with torch.inference_mode():
             self.read_ms = _best_seconds(w.view(-1).amax, repeats) * 1e3
         self.n_bytes = rows * C * 4
@@ -493,15 +515,17 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
                           for engine in engines]
         bound = probe.result()  # known once every batch has sampled it
         for batch, name, t, agree in size_rows:
-            ratio = f"{t.decode_ms / bound.gemv_ms:.2f}" if batch == 1 else ""
+            ratio = f"{t.decode_to_bound:.2f}" if batch == 1 else ""
             decode = f"{t.decode_ms:.3f}" if on_gpu else f"{t.decode_ms:.2f}"  # sub-millisecond steps on a GPU
             rows.append([size, batch, name, f"{t.prefill_ms:.1f}", decode, f"{t.tokens_per_s:.1f}", ratio,
                          f"{agree:.2f}"])
         notes.append(f"{size}: weight-streaming bound {bound.gemv_ms:.3f} ms ({bound.n_bytes / 1e6:.0f} MB "
                      f"{'fp16' if on_gpu else 'fp32'} via {bound.gemv_kernel}, median of {len(bound.samples_ms)} "
-                     f"samples taken between the repeats; a plain read takes {bound.read_ms:.3f} ms)")
+                     f"samples: one at set-up, one just before each timed decode; a plain read takes "
+                     f"{bound.read_ms:.3f} ms)")
         del probe, engines  # weight-sized matrices and models, before the next size allocates its own
     bar.close()
     notes.append(f"agreement: share of generated tokens matching {reference_name} before the first divergence; "
-                 "x bound: batch-1 decode step / weight-streaming bound")
+                 "x bound: batch-1 decode step / the weight-streaming bound sampled just before it, median over "
+                 "the repeats")
     return format_table(header, rows) + "\n\n" + "\n".join(notes)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kernels
+from gpt2 import cpu_kernels
 from gpt2.bench import SIZES, BoundProbe, Engine, Timing, agreement, format_table, measure, paired_prefill_ratios
 from gpt2.cli import main
 from gpt2.packed_linear import bf16_packing_available
@@ -34,8 +35,12 @@ def test_bench_generation_smoke(tmp_path):
         assert engines["this engine"]["agreement"] == 1.0  # greedy ids identical to transformers'
         assert engines["this engine"]["tokens_generated"] == [3] * r["batch"]
         assert engines["this engine"]["decode_ms"] >= 0 and engines["this engine"]["prefill_ms"] > 0
-    assert len(tiny["bound"]["samples_ms"]) == 1 + 2  # at set-up, then before the one repeat of each batch
+    assert len(tiny["bound"]["samples_ms"]) == 1 + 2 * 2  # at set-up, then before each engine's decode per batch
     assert len(tiny["bound"]["sample_kernels"]) == len(tiny["bound"]["samples_ms"])
+    ours = tiny["runs"][0]["engines"]["this engine"]
+    assert ours["bound_before_ms"] == tiny["bound"]["samples_ms"][1:2]  # batch 1: the sample before its decode
+    assert ours["decode_to_bound"] == ours["decode_to_bound_by_repeat"][0]
+    assert ours["decode_to_bound"] == pytest.approx(ours["decode_ms"] / ours["bound_before_ms"][0])
     assert tiny["bound"]["gemv_ms"] > 0 and tiny["logit_error"]["this engine int8"]["rel_rms"] < 0.03
     if bf16_packing_available():
         assert tiny["logit_error"]["this engine bf16"]["rel_rms"] < 0.03
@@ -77,9 +82,40 @@ def test_prefill_ratios_pair_samples_of_the_same_repeat():
     assert abs(ours.prefill_ms - 255.0) < 1e-9  # the plain median over every sample
 
 
+def test_decode_to_bound_pairs_each_repeat_with_the_bound_sampled_before_it():
+    """A slow repeat of both the engine and the bound gives the same ratio as a fast one."""
+    t = Timing(batch=1, n_new=5, one=[0.010, 0.012, 0.020, 0.022], full=[0.050, 0.100], one_per_repeat=2,
+               bound_ms=[9.0, 18.0])
+    decode = [(0.050 - 0.011) / 4 * 1e3, (0.100 - 0.021) / 4 * 1e3]
+    assert t.decode_by_repeat() == pytest.approx(decode)
+    assert t.decode_to_bound_by_repeat() == pytest.approx([decode[0] / 9.0, decode[1] / 18.0])
+    assert t.decode_to_bound == pytest.approx((decode[0] / 9.0 + decode[1] / 18.0) / 2)
+    assert Timing(batch=1, n_new=5, one=[0.01], full=[0.05]).decode_to_bound is None
+
+
+def test_measure_samples_the_bound_just_before_each_decode():
+    events = []
+
+    class FakeProbe:
+        def __init__(self) -> None:
+            self.samples_ms: list[float] = []
+
+        def sample(self) -> None:
+            events.append("bound")
+            self.samples_ms.append(float(len(events)))
+
+    engines = [Engine(name, lambda prompts, n, name=name: events.append(f"{name}:{n}") or [[0] * n for _ in prompts])
+               for name in ("a", "b")]
+    timings = measure(engines, [[1, 2]], n_new=3, repeats=2, bound=FakeProbe())
+    assert events == ["a:1", "bound", "a:3", "b:1", "bound", "b:3"] * 2
+    assert timings["a"].bound_ms == [2.0, 8.0] and timings["b"].bound_ms == [5.0, 11.0]
+
+
 def test_bound_probe_keeps_the_fastest_kernel_of_each_sample():
     probe = BoundProbe(SIZES["tiny"], repeats=1)
     assert len(probe.samples_ms) == 1 and probe.sample_kernels[0] in probe.kernels
+    if cpu_kernels.library() is not None:  # this engine's own GEMV is among those the bound takes the fastest of
+        assert "small-batch matmul (C, this engine's)" in probe.kernels
     probe.kernels = {"slow": lambda: time.sleep(0.005), "fast": lambda: None}
     probe.sample(repeats=1)
     assert probe.sample_kernels[-1] == "fast" and probe.samples_ms[-1] < 5.0
