@@ -35,6 +35,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     """The exported functions' C signatures (see each source)."""
     lib.small_batch_matmul_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.small_batch_matmul_f32.restype = ctypes.c_int
+    lib.small_batch_matmul_bf16.argtypes = lib.small_batch_matmul_f32.argtypes
+    lib.small_batch_matmul_bf16.restype = ctypes.c_int
     lib.prefill_matmul_f32.argtypes = lib.small_batch_matmul_f32.argtypes
     lib.prefill_matmul_f32.restype = ctypes.c_int
     lib.decode_blocks_f32.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -94,6 +96,22 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be used here, or None when they can."""
     return _load()[1]
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags, read from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def bf16_available() -> bool:
+    """The bf16 kernel (`small_batch_matmul.matmul_bf16`) can run: the kernels are built and the CPU has
+    avx512_bf16, which only that kernel's functions are compiled for."""
+    return library() is not None and "avx512_bf16" in cpu_flags()
 
 
 def compile_seconds() -> float:

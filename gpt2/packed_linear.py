@@ -13,14 +13,21 @@ on an AMD EPYC (Zen 4, avx512_bf16), 2 threads, all DialoGPT-small block linears
 so the layout chosen for 8 rows serves every batch size, and the tied lm_head gets a packed copy too
 (at 1 row 2.1 ms against 4.1 ms plain). `pack_bf16` is applied by `gpt2.load(..., dtype=torch.bfloat16)`
 on CPUs where oneDNN runs bf16 natively.
+
+Calls of 1-16 rows (decode steps) go instead to this engine's bf16 kernel (`gpt2.small_batch_matmul.matmul_bf16`)
+on a plain copy of each weight, where the kernels are built and the CPU has avx512_bf16: all DialoGPT-small decode
+matmuls at 1 row 10.4 ms against 15.2 packed, at 8 rows 11.9 against 19.1 (that module's table). oneDNN keeps
+the longer calls, where its packed layout is the fastest (32 rows 31.8 ms against 47.6 on the plain one). So a
+packed bf16 model holds each matrix twice, in bf16: as much memory as its fp32 weights.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import small_batch_matmul
 from .cpu_packed import CpuPackedLinear
-from .huge_pages import collapse_into_huge_pages
+from .huge_pages import collapse_into_huge_pages, huge_page_copy
 from .model import GPT2
 
 PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the table above)
@@ -33,7 +40,8 @@ def bf16_packing_available() -> bool:
 
 
 class PackedLinear(CpuPackedLinear):
-    """y = x W^T + b for bf16 x (..., in), with W held in oneDNN's opaque blocked layout (CPU only)."""
+    """y = x W^T + b for bf16 x (..., in), with W held in oneDNN's opaque blocked layout (CPU only), and in the plain
+    (out, in) layout for this engine's bf16 kernel, which takes calls of 1-16 rows where it runs."""
 
     dtype = torch.bfloat16
     layout = "oneDNN-packed bf16"
@@ -41,22 +49,28 @@ class PackedLinear(CpuPackedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # A plain attribute, not a buffer: an opaque oneDNN tensor has no storage to save, copy or move.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), PACKED_FOR_ROWS)
+        # Plain attributes, not buffers: an opaque oneDNN tensor has no storage to save, copy or move, and the
+        # plain copy is the same weight again (the checkpoint's parameter is the plain one, `dense_weight`).
+        self.plain_weight = huge_page_copy(weight.detach().to(torch.bfloat16).contiguous())
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(self.plain_weight, PACKED_FOR_ROWS)
         if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step streams it: 2 MiB pages (gpt2.huge_pages)
             collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(self.weight), torch.ops.mkldnn._nbytes(self.weight))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if small_batch_matmul.applies_bf16(x, self.plain_weight):  # a decode step's 1-16 rows
+            return small_batch_matmul.matmul_bf16(x, self.plain_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu_new(x W^T + b), the tanh GELU applied by oneDNN as the matmul writes its output."""
+        """gelu_new(x W^T + b), applied in fp32 before the output is rounded to bf16 (by oneDNN: its tanh GELU)."""
+        if small_batch_matmul.applies_bf16(x, self.plain_weight):
+            return small_batch_matmul.matmul_bf16(x, self.plain_weight, self.bias, gelu=True)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as an ordinary bf16 (out, in) tensor."""
-        return self.weight.to_dense()
+        return self.plain_weight
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         return PackedLinear(self.dense_weight(), self.bias)

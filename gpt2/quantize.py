@@ -22,24 +22,18 @@ bf16 (`gpt2.packed_linear`) has no such risk.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 
+from . import cpu_kernels
 from .cpu_packed import CpuPackedLinear
 from .model import GPT2
 
 
-@functools.cache
 def cpu_has_vnni() -> bool:
-    """AVX-512 VNNI or AVX-VNNI, read from /proc/cpuinfo (False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    """AVX-512 VNNI or AVX-VNNI (False where /proc/cpuinfo cannot be read)."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_kernels.cpu_flags())
 
 
 def int8_available() -> bool:

@@ -1,10 +1,12 @@
-"""fp32 matmuls of 1 to 16 input rows on the CPU (a decode step's), on a small AVX-512 kernel built once with `cc`.
+"""fp32 and bf16 matmuls of 1 to 16 input rows on the CPU (a decode step's), on small AVX-512 kernels built once
+with `cc`.
 
 A decode step at batch b reads every weight once for b rows, so up to a few rows its matmuls are bound by how
 fast they stream the weights. Torch's fastest route on the AMD EPYC (Zen 4) this engine is tuned on is oneDNN,
 which runs one row as `brg_matmul:avx2` (`ONEDNN_VERBOSE=1`); MKL streams at half its speed on AMD.
 `csrc/small_batch_matmul_f32.c` walks a block of weight rows at once with one AVX-512 accumulator per (input row,
-weight row), prefetching each row's stream ahead. All DialoGPT-small decode matmuls in sequence (494 MB,
+weight row), prefetching the next block as each streams (see the source for what that gained over prefetching
+each row's stream ahead, as when these were measured). All DialoGPT-small decode matmuls in sequence (494 MB,
 cold; 2 threads, fastest of 7 interleaved, on a machine whose bandwidth drifts 1.5x):
 
     input rows      1          2          4          8          12         16
@@ -18,6 +20,15 @@ bytes 8.5 ms). A last pass of fewer than 4 rows costs it: 10 rows take 23.2 agai
 The kernel is built with the engine's other C kernels (see `gpt2.cpu_kernels`); where they are unavailable the
 model keeps oneDNN. A decode step of plain fp32 blocks runs its block matmuls inside `gpt2.decode_blocks`; this
 module serves the lm_head and every other fp32 matmul of 1-16 rows.
+
+`matmul_bf16` is the same loop on bf16 (`csrc/small_batch_matmul_bf16.c`: avx512_bf16 dot products into fp32),
+for a bf16 model's decode steps (`gpt2.packed_linear`). All DialoGPT-small decode matmuls in sequence (247 MB),
+median of 7 interleaved, against oneDNN on its packed layout and on the plain one:
+
+    input rows      1          4          8          16
+    oneDNN packed   15.2 ms    15.9 ms    19.1 ms    21.5 ms
+    oneDNN plain    23.0 ms    24.3 ms    25.9 ms    31.2 ms
+    this kernel     10.4 ms    10.8 ms    11.9 ms    17.7 ms
 """
 
 from __future__ import annotations
@@ -54,14 +65,30 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     return run_matmul_kernel(cpu_kernels.library().small_batch_matmul_f32, x, weight, bias, gelu)
 
 
+def applies_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """1-16 bf16 rows on the CPU against a contiguous bf16 weight of a width in whole 32-element vectors, outside
+    autograd, where the bf16 kernel runs (`gpt2.cpu_kernels.bf16_available`)."""
+    cols = weight.shape[1]
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and x.shape[-1] == cols and cols % (2 * COLS_MULTIPLE) == 0 and 1 <= x.numel() // cols <= MAX_ROWS
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and cpu_kernels.bf16_available())
+
+
+def matmul_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """x (..., in) bf16 of 1-16 rows, weight (out, in) bf16, bias (out,) bf16 or None -> x W^T + b (..., out) bf16,
+    summed in fp32 and rounded once, through gelu_new with gelu; see `applies_bf16`."""
+    return run_matmul_kernel(cpu_kernels.library().small_batch_matmul_bf16, x, weight, bias, gelu)
+
+
 def run_matmul_kernel(kernel: Callable[..., int], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       gelu: bool) -> torch.Tensor:
-    """x W^T + b (..., out) through a C matmul kernel of this signature (`csrc/small_batch_matmul.h`), one that
-    takes x's row count and width (its caller's `applies` has checked)."""
+    """x W^T + b (..., out), in x's dtype, through a C matmul kernel of this signature (`csrc/small_batch_matmul.h`),
+    one that takes x's row count, width and dtype (its caller's `applies` has checked)."""
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()
     rows = x.numel() // x.shape[-1]
-    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
     kernel(weight.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), rows,
            weight.shape[0], weight.shape[1], gelu)
     return y

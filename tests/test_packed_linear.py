@@ -1,7 +1,7 @@
 """bf16 linears packed for oneDNN (gpt2.packed_linear): the layers swapped, the logits as close to fp32 as torch's
 own bf16 path gets, and the packed model usable like any other (generate, score, copy) or refused clearly.
 
-The bound: packing changes only the order oneDNN sums in (fp32 accumulation either way), so the packed model's
+The bound: packing, and the bf16 kernel decode steps run on, change only the order of the fp32 sums, so the model's
 error against fp32 is that of running GPT-2 in bf16 at all. That is measured here on transformers' model cast to
 bf16 (torch's own bf16 path), and the packed model may have at most twice its relative RMS logit error.
 """
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gpt2
+from gpt2 import small_batch_matmul
 from gpt2.packed_linear import PackedLinear, bf16_packing_available, pack_bf16
 from tests.checkpoints import engine_twin
 
@@ -37,13 +38,16 @@ def test_every_linear_and_the_lm_head_are_packed(packed):
     assert packed.wte.weight.dtype == torch.bfloat16 and packed.wte.weight.layout == torch.strided  # the lookup
 
 
-def test_packed_layer_matches_a_plain_bf16_matmul():
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (5, 8, 64)])  # 1 and 15 rows: a decode's; 40: oneDNN's
+def test_packed_layer_matches_a_plain_bf16_matmul(shape):
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 64), torch.randn(48)
     layer = PackedLinear(weight, bias)
     assert torch.equal(layer.dense_weight(), weight.bfloat16())
-    x = torch.randn(3, 5, 64).bfloat16()
+    x = torch.randn(*shape).bfloat16()
     with torch.inference_mode():
+        if small_batch_matmul.applies_bf16(x, layer.plain_weight):  # up to 16 rows, on CPUs with avx512_bf16
+            assert torch.equal(layer(x), small_batch_matmul.matmul_bf16(x, layer.plain_weight, layer.bias))
         exact = torch.nn.functional.linear(x.float(), weight.bfloat16().float(), bias.bfloat16().float())
         # one bf16 rounding of the fp32-accumulated output: relative 2^-8
         torch.testing.assert_close(layer(x).float(), exact, rtol=2**-8, atol=1e-3)

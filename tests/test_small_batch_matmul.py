@@ -59,3 +59,51 @@ def test_fused_gelu_is_as_exact_as_torchs():
         return ((y - exact).abs() / exact.abs())[visible].max()
 
     assert relative(got) <= relative(torch_fp32)
+
+
+needs_bf16_kernel = pytest.mark.skipif(not cpu_kernels.bf16_available(),
+                                       reason="the bf16 kernel needs the C kernels and a CPU with avx512_bf16")
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (768, 3072), (5, 32), (17, 64), (33, 96)])
+@pytest.mark.parametrize("n_rows", range(1, small_batch_matmul.MAX_ROWS + 1))
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+@torch.inference_mode()
+def test_bf16_matches_linear(out_features, in_features, n_rows, with_bias, gelu):
+    """bf16 in and out, fp32 sums: each output is the exact result (fp64 on the same bf16 inputs) rounded once, so
+    within half a bf16 ulp of it (2^-8 relative: truncating instead fails) beyond twice the fp32 sum's rounding (at
+    most cols * 2^-24 of sum |x w|, bounded by 1e-6 of it here) and, with gelu, its fp32 exp (1e-6 absolute, see
+    the test above). oneDNN's bf16 linear (gelu applied before its one rounding, as here) is held to the same
+    bound, and passes it."""
+    g = torch.Generator().manual_seed(out_features * 100 + n_rows)
+    x = torch.randn(n_rows, in_features, generator=g).bfloat16()
+    weight = (torch.randn(out_features, in_features, generator=g) * 0.05).bfloat16()
+    bias = (torch.randn(out_features, generator=g) * 0.05).bfloat16() if with_bias else None
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    if gelu:
+        exact = F.gelu(exact, approximate="tanh")
+    sum_error = 1e-6 * (x.double().abs() @ weight.double().abs().T) + (1e-6 if gelu else 0.0)
+    assert small_batch_matmul.applies_bf16(x, weight)
+    got = small_batch_matmul.matmul_bf16(x, weight, bias, gelu=gelu)
+    onednn = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+    assert got.dtype == torch.bfloat16 and got.shape == (n_rows, out_features)
+    for name, y in [("kernel", got), ("oneDNN", onednn)]:
+        excess = (y.double() - exact).abs() - (2.0 ** -8 * exact.abs() + 2 * sum_error)
+        assert excess.max() <= 0, f"{name}: {excess.max():.3g} beyond the bound"
+
+
+@needs_bf16_kernel
+def test_bf16_applies_only_to_what_it_can_take():
+    weight, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
+    with torch.inference_mode():
+        assert small_batch_matmul.applies_bf16(x, weight)
+        assert small_batch_matmul.applies_bf16(torch.randn(16, 32).bfloat16(), weight)
+        assert not small_batch_matmul.applies_bf16(torch.randn(17, 32).bfloat16(), weight)  # a prefill: oneDNN
+        assert not small_batch_matmul.applies_bf16(torch.randn(0, 32).bfloat16(), weight)
+        assert not small_batch_matmul.applies_bf16(x.float(), weight.float())
+        assert not small_batch_matmul.applies_bf16(x.half(), weight.half())
+        assert not small_batch_matmul.applies_bf16(torch.randn(1, 48).bfloat16(), torch.randn(64, 48).bfloat16())
+        assert not small_batch_matmul.applies_bf16(x, torch.randn(32, 64).bfloat16().t())  # not contiguous
+    assert not small_batch_matmul.applies_bf16(x, weight.requires_grad_())  # autograd keeps oneDNN

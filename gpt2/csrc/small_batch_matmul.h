@@ -3,8 +3,14 @@
  * X is (m, cols), W (rows, cols), Y (m, rows), all row-major fp32; cols a multiple of 16; b (rows,) or NULL.
  * Returns 0, or -1 for an m outside 1..SMALL_BATCH_MAX_ROWS (nothing written). */
 #pragma once
+#include <stdint.h>
 
 #define SMALL_BATCH_MAX_ROWS 16 /* above, oneDNN's GEMM is as fast (see gpt2/small_batch_matmul.py) */
 
 int small_batch_matmul_f32(const float *W, const float *X, const float *b, float *Y, long m, long rows, long cols,
                            int gelu);
+
+/* The same in bf16 (X, W, b, Y bf16 as uint16_t; fp32 accumulation; cols a multiple of 32), for CPUs with
+ * avx512_bf16, defined in small_batch_matmul_bf16.c. Returns 0, or -1 for such an m or cols (nothing written). */
+int small_batch_matmul_bf16(const uint16_t *W, const uint16_t *X, const uint16_t *b, uint16_t *Y, long m, long rows,
+                            long cols, int gelu);

@@ -5,11 +5,12 @@
  * W's rows, and each walks a block of W rows at once (many sequential streams in flight) with one AVX-512
  * accumulator per (input row, W row), summed once at the end. Above 4 input rows, a block of W is read
  * from memory once and from L1 again for the next 4 input rows, so the accumulators stay in registers.
- * Block sizes measured fastest on an AMD EPYC (Zen 4), 2 threads: 16 W rows for one input row, 8 for two, 4 above.
+ * The loop over blocks and passes, and the block sizes, are small_batch_loop.h's.
  */
 #include <immintrin.h>
 
 #include "simd_math.h"
+#include "small_batch_loop.h"
 #include "small_batch_matmul.h"
 
 /* While a block of W rows streams in, the next block (contiguous after it) is prefetched into L2 (_MM_HINT_T2), one
@@ -47,38 +48,10 @@ static inline __attribute__((always_inline)) void block(const float *w, const fl
     }
 }
 
-/* One kernel per block shape: W_ROWS rows of W per block and PASS input rows per pass, constants so that the
- * accumulators are registers. m input rows take ceil(m / PASS) passes over each block, the last one of fewer rows
- * when PASS does not divide m; a partial block (the last rows of W) takes the same loop. */
-#define KERNEL(W_ROWS, PASS)                                                                                   \
-    static void matmul_##W_ROWS##x##PASS(const float *W, const float *X, const float *b, float *Y, long m,     \
-                                         long rows, long cols, int gelu) {                                     \
-        const long blocks = (rows + W_ROWS - 1) / W_ROWS;                                                      \
-        _Pragma("omp parallel for schedule(static)")                                                           \
-        for (long blk = 0; blk < blocks; blk++) {                                                              \
-            const long r = blk * W_ROWS, n_w = rows - r < W_ROWS ? rows - r : W_ROWS;                          \
-            for (long j = 0; j < m; j += PASS) {                                                               \
-                const long n_x = m - j < PASS ? m - j : PASS;                                                  \
-                const float *bias = b ? b + r : 0;                                                             \
-                if (n_w == W_ROWS && n_x == PASS)                                                              \
-                    block(W + r * cols, X + j * cols, bias, Y + j * rows + r, W_ROWS, PASS, cols, rows, gelu); \
-                else                                                                                           \
-                    block(W + r * cols, X + j * cols, bias, Y + j * rows + r, n_w, n_x, cols, rows, gelu);     \
-            }                                                                                                  \
-        }                                                                                                      \
-    }
-KERNEL(16, 1) /* one input row */
-KERNEL(8, 2)  /* two */
-KERNEL(4, 3)  /* three */
-KERNEL(4, 4)  /* four and more: a block of W read from memory once, from L1 again for each further pass */
+SMALL_BATCH_KERNELS(float, )
 
 int small_batch_matmul_f32(const float *W, const float *X, const float *b, float *Y, long m, long rows, long cols,
                            int gelu) {
     if (m < 1 || m > SMALL_BATCH_MAX_ROWS) return -1;
-    switch (m) {
-    case 1: matmul_16x1(W, X, b, Y, m, rows, cols, gelu); return 0;
-    case 2: matmul_8x2(W, X, b, Y, m, rows, cols, gelu); return 0;
-    case 3: matmul_4x3(W, X, b, Y, m, rows, cols, gelu); return 0;
-    default: matmul_4x4(W, X, b, Y, m, rows, cols, gelu); return 0;
-    }
+    SMALL_BATCH_DISPATCH(W, X, b, Y, m, rows, cols, gelu)
 }
