@@ -8,7 +8,7 @@ of the generated ids with transformers eager, and the batch-1 decode step as a m
 weight-streaming bound measured in the same run. Writes a table to stdout and JSON + PNG to --out.
 Engines that are not installed, or fail to set up, are skipped with the reason in the output.
 
-    python benchmarks/bench_generation.py                 # full run (about 12 minutes on 2 cores)
+    python benchmarks/bench_generation.py                 # full run (about 17 minutes on 2 cores)
     python benchmarks/bench_generation.py --smoke --out /tmp/smoke   # seconds: what CI runs
 """
 
