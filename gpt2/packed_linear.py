@@ -58,13 +58,13 @@ class PackedLinear(CpuPackedLinear):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if small_batch_matmul.applies_bf16(x, self.plain_weight):  # a decode step's 1-16 rows
+        if small_batch_matmul.applies_bf16(x, self.plain_weight, self.bias):  # a decode step's 1-16 rows
             return small_batch_matmul.matmul_bf16(x, self.plain_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """gelu_new(x W^T + b), applied in fp32 before the output is rounded to bf16 (by oneDNN: its tanh GELU)."""
-        if small_batch_matmul.applies_bf16(x, self.plain_weight):
+        if small_batch_matmul.applies_bf16(x, self.plain_weight, self.bias):
             return small_batch_matmul.matmul_bf16(x, self.plain_weight, self.bias, gelu=True)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
 

@@ -65,11 +65,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     return run_matmul_kernel(cpu_kernels.library().small_batch_matmul_f32, x, weight, bias, gelu)
 
 
-def applies_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """1-16 bf16 rows on the CPU against a contiguous bf16 weight of a width in whole 32-element vectors, outside
-    autograd, where the bf16 kernel runs (`gpt2.cpu_kernels.bf16_available`)."""
+def applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """1-16 bf16 rows on the CPU against a contiguous bf16 weight of a width in whole 32-element vectors and a bf16
+    bias or none, outside autograd, where the bf16 kernel runs (`gpt2.cpu_kernels.bf16_available`)."""
     cols = weight.shape[1]
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and (bias is None or bias.dtype == torch.bfloat16)
             and x.shape[-1] == cols and cols % (2 * COLS_MULTIPLE) == 0 and 1 <= x.numel() // cols <= MAX_ROWS
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and cpu_kernels.bf16_available())

@@ -85,7 +85,7 @@ def test_bf16_matches_linear(out_features, in_features, n_rows, with_bias, gelu)
     if gelu:
         exact = F.gelu(exact, approximate="tanh")
     sum_error = 1e-6 * (x.double().abs() @ weight.double().abs().T) + (1e-6 if gelu else 0.0)
-    assert small_batch_matmul.applies_bf16(x, weight)
+    assert small_batch_matmul.applies_bf16(x, weight, bias)
     got = small_batch_matmul.matmul_bf16(x, weight, bias, gelu=gelu)
     onednn = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
     assert got.dtype == torch.bfloat16 and got.shape == (n_rows, out_features)
@@ -98,12 +98,13 @@ def test_bf16_matches_linear(out_features, in_features, n_rows, with_bias, gelu)
 def test_bf16_applies_only_to_what_it_can_take():
     weight, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
     with torch.inference_mode():
-        assert small_batch_matmul.applies_bf16(x, weight)
-        assert small_batch_matmul.applies_bf16(torch.randn(16, 32).bfloat16(), weight)
-        assert not small_batch_matmul.applies_bf16(torch.randn(17, 32).bfloat16(), weight)  # a prefill: oneDNN
-        assert not small_batch_matmul.applies_bf16(torch.randn(0, 32).bfloat16(), weight)
-        assert not small_batch_matmul.applies_bf16(x.float(), weight.float())
-        assert not small_batch_matmul.applies_bf16(x.half(), weight.half())
-        assert not small_batch_matmul.applies_bf16(torch.randn(1, 48).bfloat16(), torch.randn(64, 48).bfloat16())
-        assert not small_batch_matmul.applies_bf16(x, torch.randn(32, 64).bfloat16().t())  # not contiguous
-    assert not small_batch_matmul.applies_bf16(x, weight.requires_grad_())  # autograd keeps oneDNN
+        assert small_batch_matmul.applies_bf16(x, weight, None)
+        assert small_batch_matmul.applies_bf16(torch.randn(16, 32).bfloat16(), weight, None)
+        assert not small_batch_matmul.applies_bf16(torch.randn(17, 32).bfloat16(), weight, None)  # a prefill: oneDNN
+        assert not small_batch_matmul.applies_bf16(torch.randn(0, 32).bfloat16(), weight, None)
+        assert not small_batch_matmul.applies_bf16(x.float(), weight.float(), None)
+        assert not small_batch_matmul.applies_bf16(x.half(), weight.half(), None)
+        assert not small_batch_matmul.applies_bf16(torch.randn(1, 48).bfloat16(), torch.randn(64, 48).bfloat16(), None)
+        assert not small_batch_matmul.applies_bf16(x, torch.randn(32, 64).bfloat16().t(), None)  # not contiguous
+        assert not small_batch_matmul.applies_bf16(x, weight, torch.randn(64))  # an fp32 bias
+    assert not small_batch_matmul.applies_bf16(x, weight.requires_grad_(), None)  # autograd keeps oneDNN
