@@ -15,10 +15,11 @@ so the layout chosen for 8 rows serves every batch size, and the tied lm_head ge
 on CPUs where oneDNN runs bf16 natively.
 
 Calls of 1-16 rows (decode steps) go instead to this engine's bf16 kernel (`gpt2.small_batch_matmul.matmul_bf16`)
-on a plain copy of each weight, where the kernels are built and the CPU has avx512_bf16: all DialoGPT-small decode
-matmuls at 1 row 10.4 ms against 15.2 packed, at 8 rows 11.9 against 19.1 (that module's table). oneDNN keeps
-the longer calls, where its packed layout is the fastest (32 rows 31.8 ms against 47.6 on the plain one). So a
-packed bf16 model holds each matrix twice, in bf16: as much memory as its fp32 weights.
+on the plain (out, in) weight, kept beside the packed one, where the kernels are built and the CPU has
+avx512_bf16: all DialoGPT-small decode matmuls at 1 row 10.4 ms against 15.2 packed, at 8 rows 11.9 against 19.1
+(that module's table). oneDNN keeps the longer calls, where its packed layout is the fastest (32 rows 31.8 ms
+against 47.6 on the plain one). So a packed bf16 model holds each block matrix twice, in bf16 (as much memory as
+its fp32 weights), and wte twice: the lm_head's plain weight is wte itself, beside its packed copy.
 """
 
 from __future__ import annotations
@@ -50,8 +51,15 @@ class PackedLinear(CpuPackedLinear):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         # Plain attributes, not buffers: an opaque oneDNN tensor has no storage to save, copy or move, and the
-        # plain copy is the same weight again (the checkpoint's parameter is the plain one, `dense_weight`).
-        self.plain_weight = huge_page_copy(weight.detach().to(torch.bfloat16).contiguous())
+        # plain weight is the same weight again (the checkpoint's parameter is the plain one, `dense_weight`).
+        weight = weight.detach()
+        if weight.dtype == torch.bfloat16 and weight.is_contiguous():
+            # the model's own tensor, shared, not copied (the tied lm_head's is wte, which the lookup keeps);
+            # gpt2.load has put it in huge pages, which this asks for in place where it has not
+            self.plain_weight = weight
+            collapse_into_huge_pages(weight.data_ptr(), weight.numel() * weight.element_size())
+        else:
+            self.plain_weight = huge_page_copy(weight.to(torch.bfloat16).contiguous())
         self.weight = torch.ops.mkldnn._reorder_linear_weight(self.plain_weight, PACKED_FOR_ROWS)
         if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step streams it: 2 MiB pages (gpt2.huge_pages)
             collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(self.weight), torch.ops.mkldnn._nbytes(self.weight))
@@ -95,8 +103,9 @@ def why_not_packable(model: GPT2) -> str | None:
 def pack_bf16(model: GPT2) -> GPT2:
     """Replace, in place, every block's four linear layers and the lm_head by PackedLinear; returns model.
 
-    The model must be bf16 on the CPU on the torch backend (see `why_not_packable`). Each block weight's plain
-    copy is released once it is packed; the lm_head gets its own packed copy of wte, which stays for the lookup.
+    The model must be bf16 on the CPU on the torch backend (see `why_not_packable`). Each layer keeps the block
+    weight's plain tensor beside its packed copy (see `PackedLinear`); the lm_head gets its own packed copy of wte,
+    whose plain tensor it shares with the lookup.
     """
     reason = why_not_packable(model)
     if reason is not None:

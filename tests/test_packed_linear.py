@@ -36,6 +36,7 @@ def test_every_linear_and_the_lm_head_are_packed(packed):
             assert isinstance(layer, PackedLinear) and layer.weight.layout == torch._mkldnn
     assert isinstance(packed.lm_head, PackedLinear)
     assert packed.wte.weight.dtype == torch.bfloat16 and packed.wte.weight.layout == torch.strided  # the lookup
+    assert packed.lm_head.plain_weight.data_ptr() == packed.wte.weight.data_ptr()  # shared, not a third copy
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (5, 8, 64)])  # 1 and 15 rows: a decode's; 40: oneDNN's
