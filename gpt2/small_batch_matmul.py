@@ -40,7 +40,7 @@ import torch
 from . import cpu_kernels
 
 MAX_ROWS = 16  # input rows the kernel takes (SMALL_BATCH_MAX_ROWS in csrc/small_batch_matmul.h)
-COLS_MULTIPLE = 16  # the kernel reads each row of x and W in 16-float vectors
+VECTOR_BYTES = 64  # the kernels read each row of x and W in 64-byte vectors: 16 fp32 or 32 bf16 elements
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -48,14 +48,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return 1 <= kernel_rows(x, weight, bias) <= MAX_ROWS
 
 
-def kernel_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """x's row count where a C matmul kernel of `run_matmul_kernel`'s signature takes these tensors (fp32 on the CPU,
-    a contiguous weight of a width in whole vectors, outside autograd, the kernels built), else 0."""
+def kernel_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype = torch.float32) -> int:
+    """x's row count where a C matmul kernel of `run_matmul_kernel`'s signature for dtype (fp32; bf16 for
+    `matmul_bf16`) takes these tensors (all of dtype on the CPU, a contiguous weight of a width in whole vectors,
+    outside autograd, the kernel runnable here), else 0."""
     cols = weight.shape[1]
-    takes = (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
-             and x.shape[-1] == cols and cols % COLS_MULTIPLE == 0 and (bias is None or bias.dtype == torch.float32)
+    takes = (x.device.type == "cpu" and x.dtype == weight.dtype == dtype and weight.is_contiguous()
+             and x.shape[-1] == cols and cols * weight.element_size() % VECTOR_BYTES == 0
+             and (bias is None or bias.dtype == dtype)
              and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-             and cpu_kernels.library() is not None)
+             and (cpu_kernels.bf16_available() if dtype == torch.bfloat16 else cpu_kernels.library() is not None))
     return x.numel() // cols if takes else 0
 
 
@@ -68,12 +71,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 def applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """1-16 bf16 rows on the CPU against a contiguous bf16 weight of a width in whole 32-element vectors and a bf16
     bias or none, outside autograd, where the bf16 kernel runs (`gpt2.cpu_kernels.bf16_available`)."""
-    cols = weight.shape[1]
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
-            and (bias is None or bias.dtype == torch.bfloat16)
-            and x.shape[-1] == cols and cols % (2 * COLS_MULTIPLE) == 0 and 1 <= x.numel() // cols <= MAX_ROWS
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and cpu_kernels.bf16_available())
+    return 1 <= kernel_rows(x, weight, bias, torch.bfloat16) <= MAX_ROWS
 
 
 def matmul_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:

@@ -6,7 +6,8 @@
  * the bias and gelu_new in fp32 and is rounded to bf16 once, to nearest even, as oneDNN's bf16 matmul does. The
  * loop is the fp32 kernel's (small_batch_matmul_f32.c): the threads split W's rows, each walks a block of W rows
  * at once with one accumulator per (input row, W row), and the next block is prefetched as this one streams.
- * Only called where the CPU has avx512_bf16 (gpt2.packed_linear), so only these functions are compiled for it.
+ * Only called where the CPU has avx512_bf16 (gpt2.cpu_kernels.bf16_available), so only these functions are compiled
+ * for it.
  */
 #include <immintrin.h>
 #include <stdint.h>
