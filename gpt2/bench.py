@@ -307,7 +307,7 @@ class BoundProbe:
     the bound is the median of the samples. (A kernel chosen once, from one fastest-of-7 at set-up, stayed the one
     timed for the whole run even where another was faster later.) The kernels are MKL's two layouts, oneDNN's
     and, where built, this engine's own small-batch matmul: over the small shape's weights it was 9-22% faster than
-    the fastest of the others here (3 samples), over medium's -1 to 10%, so a bound without it would credit an
+    the fastest of the others here (3 samples), over medium's -2 to 10%, so a bound without it would credit an
     engine for a slower GEMV than the machine runs.
     """
 
