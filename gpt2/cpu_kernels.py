@@ -1,11 +1,13 @@
 """This engine's C kernels for the CPU (`gpt2/csrc/`), built once with the system C compiler.
 
-The sources are compiled together (`cc -O3 -mavx512f -mfma -fopenmp`, about 1.7 s) into one shared library in the
-engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and the command,
-and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on torch's threads.
-Without AVX-512 or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps torch's ops; `unavailable_reason()`
-says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows), `prefill_matmul` (of more rows),
-`cpu_attention` (causal attention over the KV cache) and `decode_blocks` (a decode step's blocks in one call).
+The sources are compiled together (`cc -O3 -fopenmp` and the CPU's vector instructions, about 1.7 s) into one shared
+library in the engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and
+the command, and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on
+torch's threads. They are written in `csrc/simd.h`'s vectors: AVX-512 (`-mavx512f -mfma`) where the CPU has it,
+else AVX2 with FMA (`-mavx2 -mfma`). Without either or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps
+torch's ops; `unavailable_reason()` says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows),
+`prefill_matmul` (of more rows), `cpu_attention` (causal attention over the KV cache) and `decode_blocks` (a decode
+step's blocks in one call).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
 LIBRARY_STEM = "cpu_kernels"
 
 
@@ -56,8 +59,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
     """(library, None, compile seconds) or (None, why not, 0.0); built and loaded once per process."""
     if os.environ.get("GPT2_CPU_KERNEL", "1") == "0":
         return None, "turned off by GPT2_CPU_KERNEL=0", 0.0
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_FP16"):  # the kernels are AVX-512 only
-        return None, f"this CPU has no AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})", 0.0
+    isa = instruction_set()
+    if isa is None:
+        return None, f"this CPU has neither AVX-512 nor AVX2 with FMA (torch reports " \
+                     f"{torch.backends.cpu.get_cpu_capability()})", 0.0
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None, f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on PATH)", 0.0
@@ -65,7 +70,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
 
     sources = _sources()
     content = b"".join(p.name.encode() + p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.is_file())
-    key = hashlib.sha256(content + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    command = [compiler, *FLAGS, *ISA_FLAGS[isa]]
+    key = hashlib.sha256(content + " ".join(command).encode()).hexdigest()[:16]
     library = engine_cache_dir() / "kernels" / f"{LIBRARY_STEM}-{key}.so"
     seconds = 0.0
     try:
@@ -74,8 +80,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
                 built = Path(scratch) / library.name
-                run = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", str(built)], capture_output=True,
-                                     text=True)
+                run = subprocess.run([*command, *map(str, sources), "-o", str(built)], capture_output=True, text=True)
                 if run.returncode != 0:
                     errors = run.stderr.strip()[-500:]
                     return None, f"compiling {SOURCE_DIR.name}/*.c with {compiler} failed: {errors}", 0.0
@@ -96,6 +101,16 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be used here, or None when they can."""
     return _load()[1]
+
+
+def instruction_set() -> str | None:
+    """The vector instructions the kernels are built for here: "AVX-512", "AVX2" (with FMA), or None for neither.
+    From /proc/cpuinfo, else from what torch dispatches to where that cannot be read."""
+    flags = cpu_flags()
+    if not flags:
+        capability = torch.backends.cpu.get_cpu_capability()
+        return "AVX-512" if capability.startswith("AVX512") else "AVX2" if capability == "AVX2" else None
+    return "AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma"} <= flags else None
 
 
 @functools.cache
@@ -126,5 +141,5 @@ def status() -> str:
         return f"fp32 steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
     built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
     bf16 = "bf16 decode matmuls of 1-16 rows too" if bf16_available() else "not bf16's (no avx512_bf16 on this CPU)"
-    return (f"fp32 decode steps of 1-16 rows, prefill matmuls and attention: this engine's C kernels, {bf16} "
-            f"(gpt2/cpu_kernels.py; {built}, not in the timings)")
+    return (f"fp32 decode steps of 1-16 rows, prefill matmuls and attention: this engine's C kernels "
+            f"({instruction_set()}), {bf16} (gpt2/cpu_kernels.py; {built}, not in the timings)")

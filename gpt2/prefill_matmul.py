@@ -1,4 +1,4 @@
-"""fp32 matmuls of more than 16 input rows on the CPU (a prefill's), on an AVX-512 C kernel where it beats oneDNN.
+"""fp32 matmuls of more than 16 input rows on the CPU (a prefill's), on a C kernel where it beats oneDNN.
 
 `csrc/prefill_matmul_f32.c` computes 4 x 4 tiles of dot products straight from x and the weight as they lie, summing
 16 accumulators across lanes at once, and prefetches the next weight block while it works on one. oneDNN's GEMM packs
@@ -16,8 +16,8 @@ of the 2 cores is 232):
 Inside a prefill each weight comes from DRAM. DialoGPT-small's 8 x 32-token prefill (256 rows), each matmul summed
 over the 12 layers, oneDNN / this kernel, two runs: qkv 57.5 / 51.4 and 58.9 / 55.0 ms, c_proj 19.0 / 15.8 and
 19.6 / 17.3, c_fc with gelu_new 71.4 / 68.1 and 73.0 / 71.3; but the MLP's c_proj (3072 in) 68.5 / 88.7, and
-DialoGPT-medium's at 256 rows (1024 in) qkv 193 / 196, c_fc 251 / 262. So it takes up to MAX_ROWS_ANY_WIDTH rows
-of any width, and more while x holds at most MAX_INPUT_FLOATS (256 rows of 768, small's prefill of 8 x 32 tokens);
+DialoGPT-medium's at 256 rows (1024 in) qkv 193 / 196, c_fc 251 / 262. So with AVX-512 it takes up to 64 rows
+of any width, and more while x holds at most 256 rows of 768 (small's prefill of 8 x 32 tokens);
 1-16 rows go to `gpt2.small_batch_matmul`, the rest to oneDNN. DialoGPT-small's 32-token prefill at batch 1 went
 from 52.4 to 46.8 ms and medium's from 253.0 to 196.5 ms (with `gpt2.cpu_attention`, median of 11 and 7).
 
@@ -32,25 +32,51 @@ oneDNN / before slicing / now:
     128    188 / 145 / 189    187 / 151 / 187
     256    196 / 153 / 176    203 / 141 / 177
 
-So slicing turned a loss at 64 rows of the wide inputs into a win, and MAX_ROWS_ANY_WIDTH stays 64 (a tie at 128).
+So slicing turned a loss at 64 rows of the wide inputs into a win, and `any_width_rows` stays 64 (a tie at 128).
 Slicing 768- and 1024-wide inputs too cost 4-7% at 256 rows (768 x 2304: 215 -> 200), so they stay whole.
+
+With AVX2 (an AMD EPYC of Zen 2, 2 threads, the kernel's tiles 4 W rows x 2 rows of x), oneDNN / this kernel, GFLOP/s,
+weights from DRAM, median of 8 interleaved:
+
+    rows   768 x 2304  768 x 768  768 x 3072  3072 x 768  1024 x 3072  1024 x 1024  1024 x 4096  4096 x 1024
+    32     65 / 85     65 / 85    64 / 86     68 / 91     53 / 89      64 / 92      48 / 92      68 / 101
+    128    112 / 127   117 / 123  104 / 126   114 / 126   95 / 131     110 / 120    84 / 133     114 / 129
+    256    126 / 132   133 / 127  114 / 128   130 / 114   104 / 129    119 / 129    94 / 133     125 / 121
+    384    109 / 125   132 / 125  112 / 128   132 / 119   111 / 131    128 / 127    110 / 132    130 / 118
+
+so there it takes up to 128 rows of any width, and up to 384 of a widening matmul (out >= 2 x in: qkv, c_fc).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from . import cpu_kernels, small_batch_matmul
 
-MAX_ROWS_ANY_WIDTH = 64
-MAX_INPUT_FLOATS = 256 * 768
+
+@dataclass(frozen=True)
+class Limits:
+    """The sizes, beyond the small-batch kernel's 16 rows, where this kernel beats oneDNN (measured above)."""
+
+    any_width_rows: int  # up to this many rows, whatever the shapes
+    max_input_floats: int  # more rows while x holds at most this many floats
+    widening_rows: int  # more rows, up to this many, where the weight has at least twice as many rows as columns
+
+
+LIMITS = {"AVX-512": Limits(64, 256 * 768, 0), "AVX2": Limits(128, 0, 384)}  # by `cpu_kernels.instruction_set()`
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """More than 16 fp32 rows on the CPU, of the sizes where the kernel wins (see above), against a contiguous fp32
-    weight whose width it takes, outside autograd (`small_batch_matmul.kernel_rows`)."""
+    """More than 16 fp32 rows on the CPU, of the sizes where the kernel wins on this CPU's instruction set (`LIMITS`),
+    against a contiguous fp32 weight whose width it takes, outside autograd (`small_batch_matmul.kernel_rows`)."""
     rows = small_batch_matmul.kernel_rows(x, weight, bias)
-    return small_batch_matmul.MAX_ROWS < rows and (rows <= MAX_ROWS_ANY_WIDTH or x.numel() <= MAX_INPUT_FLOATS)
+    if rows <= small_batch_matmul.MAX_ROWS:
+        return False
+    limits = LIMITS[cpu_kernels.instruction_set()]
+    return (rows <= limits.any_width_rows or x.numel() <= limits.max_input_floats
+            or (rows <= limits.widening_rows and weight.shape[0] >= 2 * weight.shape[1]))
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:

@@ -23,8 +23,10 @@ SIZES = ([(n_rows, *shape) for n_rows in (17, 18, 19, 20, 33, 63, 64) for shape 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
 @torch.inference_mode()
-def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu):
-    """Row and weight-row counts that leave partial tiles on either side, inputs of any leading shape and strides."""
+def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu, monkeypatch):
+    """Row and weight-row counts that leave partial tiles on either side, inputs of any leading shape and strides
+    (all of them taken by the kernel here, whatever this instruction set's limits for oneDNN's sizes)."""
+    monkeypatch.setitem(prefill_matmul.LIMITS, cpu_kernels.instruction_set(), prefill_matmul.Limits(256, 0, 0))
     check_matches_linear(prefill_matmul, n_rows, out_features, in_features, with_bias, gelu)
 
 
@@ -34,16 +36,28 @@ def test_applies_only_to_what_it_can_take():
         assert prefill_matmul.applies(x, weight, None)
         assert prefill_matmul.applies(torch.randn(2, 32, 32), weight, None)  # batch 2 of a 32-token prompt
         assert not prefill_matmul.applies(torch.randn(16, 32), weight, None)  # the small-batch kernel's
-        wide = torch.randn(8, 3072)
-        assert prefill_matmul.applies(torch.randn(64, 3072), wide, None)
-        assert not prefill_matmul.applies(torch.randn(65, 3072), wide, None)  # oneDNN's GEMM is faster
-        assert prefill_matmul.applies(torch.randn(8, 32, 768), torch.randn(8, 768), None)
-        assert not prefill_matmul.applies(torch.randn(257, 768), torch.randn(8, 768), None)
         assert not prefill_matmul.applies(x.bfloat16(), weight.bfloat16(), None)
         assert not prefill_matmul.applies(torch.randn(17, 24), torch.randn(64, 24), None)  # width % 16 != 0
         assert not prefill_matmul.applies(x, torch.randn(32, 64).t(), None)  # not contiguous
         assert not prefill_matmul.applies(x, weight, torch.randn(64).double())
     assert not prefill_matmul.applies(x, weight.requires_grad_(), None)  # autograd keeps F.linear
+
+
+@torch.inference_mode()
+def test_applies_where_it_beats_onednn_on_each_instruction_set(monkeypatch):
+    """The limits measured for each instruction set the kernels are built for (prefill_matmul's docstring)."""
+    wide_input, square, widening = torch.randn(8, 3072), torch.randn(768, 768), torch.randn(2304, 768)
+    monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX-512")
+    assert prefill_matmul.applies(torch.randn(64, 3072), wide_input, None)
+    assert not prefill_matmul.applies(torch.randn(65, 3072), wide_input, None)  # oneDNN's GEMM is faster
+    assert prefill_matmul.applies(torch.randn(8, 32, 768), square, None)  # x of 256 x 768 floats
+    assert not prefill_matmul.applies(torch.randn(257, 768), widening, None)
+    monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX2")
+    assert prefill_matmul.applies(torch.randn(128, 3072), wide_input, None)
+    assert not prefill_matmul.applies(torch.randn(129, 3072), wide_input, None)
+    assert not prefill_matmul.applies(torch.randn(8, 32, 768), square, None)
+    assert prefill_matmul.applies(torch.randn(8, 48, 768), widening, None)  # 384 rows of a qkv matmul
+    assert not prefill_matmul.applies(torch.randn(385, 768), widening, None)
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@
  * for a D it does not take (nothing written); -2 when out of memory. */
 #pragma once
 
-#define ATTENTION_MAX_HEAD_DIM 256 /* a query's output is kept in 16 AVX-512 registers */
+#define ATTENTION_MAX_HEAD_DIM 256 /* a query's output is kept in vector registers: 16 of AVX-512's, 32 of AVX2's */
 
 typedef struct {
     long b, h, t; /* element strides of the batch, head and token dimensions */

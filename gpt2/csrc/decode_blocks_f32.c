@@ -26,22 +26,22 @@ static void add_layer_norm(float *h, const float *x, const float *w, const float
     for (long row = 0; row < B; row++) {
         float *hr = h + row * C, *nr = n + row * C;
         const float *xr = x + row * C;
-        __m512 sum = _mm512_setzero_ps();
-        for (long c = 0; c < C; c += 16) {
-            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(hr + c), _mm512_loadu_ps(xr + c));
-            _mm512_storeu_ps(hr + c, v);
-            sum = _mm512_add_ps(sum, v);
+        vfloat sum = vzero();
+        for (long c = 0; c < C; c += VLANES) {
+            const vfloat v = vadd(vload(hr + c), vload(xr + c));
+            vstore(hr + c, v);
+            sum = vadd(sum, v);
         }
-        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / C);
-        __m512 squares = _mm512_setzero_ps();
-        for (long c = 0; c < C; c += 16) {
-            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(hr + c), mean);
-            squares = _mm512_fmadd_ps(d, d, squares);
+        const vfloat mean = vset1(vreduce_add(sum) / C);
+        vfloat squares = vzero();
+        for (long c = 0; c < C; c += VLANES) {
+            const vfloat d = vsub(vload(hr + c), mean);
+            squares = vfmadd(d, d, squares);
         }
-        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / C + eps));
-        for (long c = 0; c < C; c += 16) {
-            const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(hr + c), mean), rstd);
-            _mm512_storeu_ps(nr + c, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c)));
+        const vfloat rstd = vset1(1.0f / sqrtf(vreduce_add(squares) / C + eps));
+        for (long c = 0; c < C; c += VLANES) {
+            const vfloat d = vmul(vsub(vload(hr + c), mean), rstd);
+            vstore(nr + c, vfmadd(d, vload(w + c), vload(b + c)));
         }
     }
 }
@@ -56,9 +56,9 @@ static int cached_attention(const float *qkv, float *k, float *v, const int *slo
         if (kv_len[b] <= slot[b]) continue;
         for (long h = 0; h < H; h++) {
             const long at = (b * H + h) * max_len * D + slot[b] * D;
-            for (long d = 0; d < D; d += 16) {
-                _mm512_storeu_ps(k + at + d, _mm512_loadu_ps(qkv + b * 3 * C + C + h * D + d));
-                _mm512_storeu_ps(v + at + d, _mm512_loadu_ps(qkv + b * 3 * C + 2 * C + h * D + d));
+            for (long d = 0; d < D; d += VLANES) {
+                vstore(k + at + d, vload(qkv + b * 3 * C + C + h * D + d));
+                vstore(v + at + d, vload(qkv + b * 3 * C + 2 * C + h * D + d));
             }
         }
     }

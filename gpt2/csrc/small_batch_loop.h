@@ -2,15 +2,16 @@
  * defines `block` (the products of one block of W rows with one pass of input rows) for its element type T, then
  * instantiates SMALL_BATCH_KERNELS and calls SMALL_BATCH_DISPATCH.
  *
- * One kernel per block shape: W_ROWS rows of W per block and PASS input rows per pass, constants so that the
- * accumulators are registers. m input rows take ceil(m / PASS) passes over each block, the last one of fewer rows
- * when PASS does not divide m; a partial block (the last rows of W) takes the same loop. The threads (OpenMP, the
- * same runtime as torch's) split the blocks, each thread a contiguous run of them. */
+ * One kernel per block shape (SHAPE_1 .. SHAPE_MANY below): W_ROWS rows of W per block and PASS input rows per
+ * pass, constants so that the accumulators are registers. m input rows take ceil(m / PASS) passes over each block,
+ * the last one of fewer rows when PASS does not divide m; a partial block (the last rows of W) takes the same loop.
+ * The threads (OpenMP, the same runtime as torch's) split the blocks, each thread a contiguous run of them. */
 #pragma once
+#include "simd.h"
 
-#define SMALL_BATCH_KERNEL(T, ATTR, W_ROWS, PASS)                                                              \
-    static ATTR void matmul_##W_ROWS##x##PASS(const T *W, const T *X, const T *b, T *Y, long m, long rows,    \
-                                              long cols, int gelu) {                                           \
+#define SMALL_BATCH_KERNEL(T, ATTR, NAME, W_ROWS, PASS)                                                        \
+    static ATTR void NAME(const T *W, const T *X, const T *b, T *Y, long m, long rows, long cols, int gelu) {  \
+        _Static_assert(W_ROWS <= VLANES, "a block's outputs of one input row fill at most one vector");        \
         const long blocks = (rows + W_ROWS - 1) / W_ROWS;                                                      \
         _Pragma("omp parallel for schedule(static)")                                                           \
         for (long blk = 0; blk < blocks; blk++) {                                                              \
@@ -26,19 +27,40 @@
         }                                                                                                      \
     }
 
-/* Block sizes measured fastest on an AMD EPYC (Zen 4), 2 threads: 16 W rows for one input row, 8 for two, 4 above;
- * from four input rows on, a block of W is read from memory once and from L1 again for each further pass. */
+/* Block shapes (W rows per block, input rows per pass) for 1, 2, 3 and more input rows, measured fastest with 2
+ * threads: on an AMD EPYC (Zen 4) with AVX-512, 16 W rows for one input row, 8 for two, 4 above; from four input
+ * rows on, a block of W is read from memory once and from L1 again for each further pass. AVX2 has 16 vector
+ * registers to AVX-512's 32, so its accumulators (W rows x input rows) stay at most 12: on an AMD EPYC (Zen 2), all
+ * DialoGPT-small decode matmuls in turn, median of 7 interleaved, 3 W rows x 4 input rows against 4 x 3 took 24.4 /
+ * 26.4 ms at 4 rows, 27.7 / 31.9 at 8, 35.1 / 45.0 at 16 (2 x 4: 24.1 / 34.6 / 55.3); 1-3 rows took 20-24 ms with
+ * 4 to 12 W rows a block, within the noise (oneDNN: 41.5 ms for 1 row, 73.2 for 2, 96.6 for 4, 119 for 16). A
+ * block's W rows are at most VLANES: gelu_new is applied to a block's outputs as one vector. */
+#ifndef SHAPE_1
+#if VLANES == 16
+#define SHAPE_1 16, 1
+#define SHAPE_2 8, 2
+#define SHAPE_3 4, 3
+#define SHAPE_MANY 4, 4
+#else
+#define SHAPE_1 8, 1
+#define SHAPE_2 4, 2
+#define SHAPE_3 4, 3
+#define SHAPE_MANY 3, 4
+#endif
+#endif
+
+#define SMALL_BATCH_KERNEL_OF(T, ATTR, NAME, SHAPE) SMALL_BATCH_KERNEL(T, ATTR, NAME, SHAPE)
 #define SMALL_BATCH_KERNELS(T, ATTR)                                                                           \
-    SMALL_BATCH_KERNEL(T, ATTR, 16, 1)                                                                         \
-    SMALL_BATCH_KERNEL(T, ATTR, 8, 2)                                                                          \
-    SMALL_BATCH_KERNEL(T, ATTR, 4, 3)                                                                          \
-    SMALL_BATCH_KERNEL(T, ATTR, 4, 4)
+    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_1, SHAPE_1)                                                          \
+    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_2, SHAPE_2)                                                          \
+    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_3, SHAPE_3)                                                          \
+    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_many, SHAPE_MANY)
 
 /* Runs the kernel for m input rows (1..SMALL_BATCH_MAX_ROWS, checked by the caller) and returns 0. */
 #define SMALL_BATCH_DISPATCH(W, X, b, Y, m, rows, cols, gelu)                                                  \
     switch (m) {                                                                                               \
-    case 1: matmul_16x1(W, X, b, Y, m, rows, cols, gelu); return 0;                                            \
-    case 2: matmul_8x2(W, X, b, Y, m, rows, cols, gelu); return 0;                                             \
-    case 3: matmul_4x3(W, X, b, Y, m, rows, cols, gelu); return 0;                                             \
-    default: matmul_4x4(W, X, b, Y, m, rows, cols, gelu); return 0;                                            \
+    case 1: matmul_1(W, X, b, Y, m, rows, cols, gelu); return 0;                                               \
+    case 2: matmul_2(W, X, b, Y, m, rows, cols, gelu); return 0;                                               \
+    case 3: matmul_3(W, X, b, Y, m, rows, cols, gelu); return 0;                                               \
+    default: matmul_many(W, X, b, Y, m, rows, cols, gelu); return 0;                                           \
     }

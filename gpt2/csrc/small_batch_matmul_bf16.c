@@ -16,6 +16,7 @@
 #include "small_batch_loop.h"
 #include "small_batch_matmul.h"
 
+#if VLANES == 16 /* an AVX-512 build (simd.h); elsewhere the function below refuses every call */
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* fp32 values of n <= 16 bf16 at p (the other lanes 0): a bf16 is the upper half of an fp32. */
@@ -47,15 +48,21 @@ static inline BF16_TARGET __attribute__((always_inline)) void block(const uint16
         for (long i = 0; i < n_w; i++) sums[i] = _mm512_reduce_add_ps(acc[j * n_w + i]);
         __m512 y = _mm512_maskz_loadu_ps(lanes, sums);
         if (b) y = _mm512_add_ps(y, load_bf16(b, lanes));
-        if (gelu) y = gelu512(y);
+        if (gelu) y = vgelu(y);
         _mm256_mask_storeu_epi16(Y + j * y_stride, lanes, (__m256i)_mm512_cvtneps_pbh(y));
     }
 }
 
 SMALL_BATCH_KERNELS(uint16_t, BF16_TARGET)
+#endif
 
 int small_batch_matmul_bf16(const uint16_t *W, const uint16_t *X, const uint16_t *b, uint16_t *Y, long m, long rows,
                             long cols, int gelu) {
+#if VLANES == 16
     if (m < 1 || m > SMALL_BATCH_MAX_ROWS || cols % 32) return -1;
     SMALL_BATCH_DISPATCH(W, X, b, Y, m, rows, cols, gelu)
+#else
+    (void)W, (void)X, (void)b, (void)Y, (void)m, (void)rows, (void)cols, (void)gelu;
+    return -1;
+#endif
 }

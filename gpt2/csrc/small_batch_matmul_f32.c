@@ -2,13 +2,11 @@
  *
  * X is (m, cols), W (rows, cols), Y (m, rows), all row-major; cols a multiple of 16; b may be NULL. Such a
  * matmul streams W once and is bound by memory, so the threads (OpenMP, the same runtime as torch's) split
- * W's rows, and each walks a block of W rows at once (many sequential streams in flight) with one AVX-512
- * accumulator per (input row, W row), summed once at the end. Above 4 input rows, a block of W is read
- * from memory once and from L1 again for the next 4 input rows, so the accumulators stay in registers.
- * The loop over blocks and passes, and the block sizes, are small_batch_loop.h's.
+ * W's rows, and each walks a block of W rows at once (many sequential streams in flight) with one vector
+ * accumulator (simd.h) per (input row, W row), summed once at the end. From 4 input rows on, a block of W is
+ * read from memory once and from L1 again for each further pass of input rows, so the accumulators stay in
+ * registers. The loop over blocks and passes, and the block sizes, are small_batch_loop.h's.
  */
-#include <immintrin.h>
-
 #include "simd_math.h"
 #include "small_batch_loop.h"
 #include "small_batch_matmul.h"
@@ -25,26 +23,27 @@
 /* Y[j, i] = X[j] . w[i] + b[i] for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
 static inline __attribute__((always_inline)) void block(const float *w, const float *X, const float *b, float *Y,
                                                        long n_w, long n_x, long cols, long y_stride, int gelu) {
-    __m512 acc[16];
-    for (long j = 0; j < n_w * n_x; j++) acc[j] = _mm512_setzero_ps();
-    for (long k = 0; k < cols; k += 16) {
-        __m512 wk[16];
-        const float *next = w + n_w * cols + k * n_w; /* the next block, n_w lines further at each step */
+    vfloat acc[16];
+    for (long j = 0; j < n_w * n_x; j++) acc[j] = vzero();
+    for (long k = 0; k < cols; k += VLANES) {
+        vfloat wk[16];
+        const float *next = w + n_w * cols + k * n_w; /* the next block, n_w vectors further at each step */
         for (long i = 0; i < n_w; i++) {
-            _mm_prefetch((const char *)(next + i * 16), _MM_HINT_T2); /* 16 floats: one line */
-            wk[i] = _mm512_loadu_ps(w + i * cols + k);
+            if (VLANES == 16 || 2 * i < n_w) /* the lines of those n_w vectors: n_w of 16 floats, n_w / 2 of 8 */
+                _mm_prefetch((const char *)(next + i * 16), _MM_HINT_T2); /* 16 floats: one line */
+            wk[i] = vload(w + i * cols + k);
         }
         for (long j = 0; j < n_x; j++) {
-            const __m512 xk = _mm512_loadu_ps(X + j * cols + k);
-            for (long i = 0; i < n_w; i++) acc[j * n_w + i] = _mm512_fmadd_ps(wk[i], xk, acc[j * n_w + i]);
+            const vfloat xk = vload(X + j * cols + k);
+            for (long i = 0; i < n_w; i++) acc[j * n_w + i] = vfmadd(wk[i], xk, acc[j * n_w + i]);
         }
     }
     for (long j = 0; j < n_x; j++) {
         float *y = Y + j * y_stride;
-        for (long i = 0; i < n_w; i++) y[i] = _mm512_reduce_add_ps(acc[j * n_w + i]) + (b ? b[i] : 0.0f);
-        if (gelu) { /* the block's n_w <= 16 outputs of this row, still in L1 */
-            const __mmask16 lanes = first_lanes(n_w);
-            _mm512_mask_storeu_ps(y, lanes, gelu512(_mm512_maskz_loadu_ps(lanes, y)));
+        for (long i = 0; i < n_w; i++) y[i] = vreduce_add(acc[j * n_w + i]) + (b ? b[i] : 0.0f);
+        if (gelu) { /* the block's n_w <= VLANES outputs of this row, still in L1 */
+            const vmask lanes = first_lanes(n_w);
+            vmask_store(y, lanes, vgelu(vmaskz_load(lanes, y)));
         }
     }
 }
