@@ -1,10 +1,10 @@
 """fp32 matmuls of more than 16 input rows on the CPU (a prefill's), on a C kernel where it beats oneDNN.
 
-`csrc/prefill_matmul_f32.c` computes 4 x 4 tiles of dot products straight from x and the weight as they lie, summing
-16 accumulators across lanes at once, and prefetches the next weight block while it works on one. oneDNN's GEMM packs
-and blocks for large matrices and loses time on the short, wide ones of a prefill. GFLOP/s of oneDNN / this kernel
-on an AMD EPYC (Zen 4), 2 threads, fastest of 10 interleaved, the weight warm in L3 (in x out features; the FMA peak
-of the 2 cores is 232):
+`csrc/prefill_matmul_f32.c` computes tiles of dot products (4 x 4 with AVX-512) straight from x and the weight as they
+lie, summing the accumulators across lanes together, and prefetches the next weight block while it works on one.
+oneDNN's GEMM packs and blocks for large matrices and loses time on the short, wide ones of a prefill. GFLOP/s of oneDNN
+/ this kernel on an AMD EPYC (Zen 4), 2 threads, fastest of 10 interleaved, the weight warm in L3 (in x out features;
+the FMA peak of the 2 cores is 232):
 
     rows   768 x 2304  768 x 768  768 x 3072  3072 x 768  1024 x 3072  1024 x 4096  1280 x 3840
     20     166 / 219   148 / 215  167 / 220   166 / 218   162 / 218    153 / 203    158 / 194
@@ -35,16 +35,17 @@ oneDNN / before slicing / now:
 So slicing turned a loss at 64 rows of the wide inputs into a win, and `any_width_rows` stays 64 (a tie at 128).
 Slicing 768- and 1024-wide inputs too cost 4-7% at 256 rows (768 x 2304: 215 -> 200), so they stay whole.
 
-With AVX2 (an AMD EPYC of Zen 2, 2 threads, the kernel's tiles 4 W rows x 2 rows of x), oneDNN / this kernel, GFLOP/s,
-weights from DRAM, median of 8 interleaved:
+With AVX2 (an AMD EPYC of Zen 2, 2 threads, FMA peak 197 GFLOP/s measured), the tiles are 4 W rows x 3 rows of x
+(12 accumulators: AVX2 has 16 registers; 4 x 2 tiles reached 83-125 GFLOP/s where these reach 113-154). oneDNN / this
+kernel, GFLOP/s, weights from DRAM, median of 8 interleaved:
 
     rows   768 x 2304  768 x 768  768 x 3072  3072 x 768  1024 x 3072  1024 x 1024  1024 x 4096  4096 x 1024
-    32     65 / 85     65 / 85    64 / 86     68 / 91     53 / 89      64 / 92      48 / 92      68 / 101
-    128    112 / 127   117 / 123  104 / 126   114 / 126   95 / 131     110 / 120    84 / 133     114 / 129
-    256    126 / 132   133 / 127  114 / 128   130 / 114   104 / 129    119 / 129    94 / 133     125 / 121
-    384    109 / 125   132 / 125  112 / 128   132 / 119   111 / 131    128 / 127    110 / 132    130 / 118
+    32     51 / 84     63 / 92    48 / 84     65 / 95     42 / 88      56 / 84      42 / 96      65 / 102
+    128    88 / 133    109 / 132  81 / 141    110 / 138   77 / 130     103 / 127    70 / 130     107 / 136
+    256    88 / 141    120 / 142  91 / 148    122 / 122   88 / 142     116 / 140    87 / 145     121 / 125
+    1024   107 / 150   106 / 140  113 / 150   123 / 120   111 / 152    111 / 147    115 / 153    118 / 121
 
-so there it takes up to 128 rows of any width, and up to 384 of a widening matmul (out >= 2 x in: qkv, c_fc).
+so there it takes every size measured: up to 1024 rows (GPT-2's longest prompt), of any width.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ class Limits:
 
     any_width_rows: int  # up to this many rows, whatever the shapes
     max_input_floats: int  # more rows while x holds at most this many floats
-    widening_rows: int  # more rows, up to this many, where the weight has at least twice as many rows as columns
 
 
-LIMITS = {"AVX-512": Limits(64, 256 * 768, 0), "AVX2": Limits(128, 0, 384)}  # by `cpu_kernels.instruction_set()`
+LIMITS = {"AVX-512": Limits(64, 256 * 768), "AVX2": Limits(1024, 0)}  # by `cpu_kernels.instruction_set()`
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -75,8 +75,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if rows <= small_batch_matmul.MAX_ROWS:
         return False
     limits = LIMITS[cpu_kernels.instruction_set()]
-    return (rows <= limits.any_width_rows or x.numel() <= limits.max_input_floats
-            or (rows <= limits.widening_rows and weight.shape[0] >= 2 * weight.shape[1]))
+    return rows <= limits.any_width_rows or x.numel() <= limits.max_input_floats
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:

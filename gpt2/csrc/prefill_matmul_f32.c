@@ -1,35 +1,43 @@
 /* Y = X W^T + b in fp32 for many input rows, optionally through gelu_new (see prefill_matmul.h).
  *
- * Each tile is TILE_X rows of X against 4 rows of W (4 x 4 with AVX-512, 2 x 4 with AVX2: simd.h): one vector
- * accumulator of dot products along cols per pair, the sums then taken together across lanes (vsum_lanes) into one
- * vector, so both operands are read as they lie, with no packed copy of W. The threads
- * (OpenMP, torch's runtime) split W's rows; each keeps a block of 4 W rows in L1 and walks a chunk of X's rows
- * (CHUNK_BYTES of X) past it from L2, so W streams from memory once per chunk. While a thread works on one block,
- * it prefetches its next one into L1 a few lines per tile: in a prefill each weight comes from DRAM, and without it
- * each block's first tiles waited on memory (DialoGPT-small's qkv matmul at 256 rows 57.5 -> 51.4 ms over the 12
- * layers; into L2 only, 52.2). Inputs wider than WHOLE_COLS go through in slices, each tile adding its partial sums
- * into Y: a whole 4-row block of 3072 floats would not stay in L1 beside the X rows streaming past it (64 rows of
- * 3072 x 768: 129 -> 177 GFLOP/s). Where this beats oneDNN's GEMM on an AMD EPYC (Zen 4), and so where it is used: see
- * gpt2/prefill_matmul.py.
+ * Each tile is TILE_X rows of X against 4 rows of W (4 x 4 with AVX-512, 3 x 4 with AVX2: simd.h): one vector
+ * accumulator of dot products along cols per pair, the sums then taken together across lanes (vsum_lanes), so both
+ * operands are read as they lie, with no packed copy of W. The threads (OpenMP, torch's runtime) split W's rows; each
+ * keeps a block of 4 W rows in L1 and walks a chunk of X's rows (CHUNK_BYTES of X) past it from L2, so W streams from
+ * memory once per chunk. While a thread works on one block, it prefetches its next one into L1 a few lines per tile: in
+ * a prefill each weight comes from DRAM, and without it each block's first tiles waited on memory (DialoGPT-small's qkv
+ * matmul at 256 rows 57.5 -> 51.4 ms over the 12 layers; into L2 only, 52.2). Inputs wider than WHOLE_COLS go through
+ * in slices, each tile adding its partial sums into Y: a whole 4-row block of 3072 floats would not stay in L1 beside
+ * the X rows streaming past it (64 rows of 3072 x 768: 129 -> 177 GFLOP/s). Where this beats oneDNN's GEMM on an AMD
+ * EPYC (Zen 4 with AVX-512, Zen 2 with AVX2), and so where it is used: see gpt2/prefill_matmul.py.
  */
 #include "prefill_matmul.h"
 #include "simd_math.h"
 
-#define CHUNK_BYTES (512 * 1024) /* of X per pass over W: half of this CPU's L2 (1 MiB measured slower) */
+#define CHUNK_BYTES (512 * 1024) /* of X per pass over W: half of Zen 4's L2 (1 MiB slower; Zen 2: 256 KiB no faster) */
 #define WHOLE_COLS 1024 /* inputs up to this wide are summed whole; wider ones in slices of SLICE_COLS, added up in Y */
 #define SLICE_COLS 512
 #define TILE_W 4 /* W rows of a tile */
-#define TILE_X (VLANES / TILE_W) /* X rows of a tile: the tile's dot products fill one vector of sums */
+#define ROWS_PER_VECTOR (VLANES / TILE_W) /* X rows whose TILE_W sums each fill one vector, lane 4j + i */
+#if VLANES == 16
+#define TILE_X 4 /* X rows of a tile: 16 accumulators, one vector of sums */
+#else
+#define TILE_X 3 /* 12 accumulators, the 3 rows of x and a row of W fill AVX2's 16 registers */
+#endif
+#define TILE_VECTORS ((TILE_X + ROWS_PER_VECTOR - 1) / ROWS_PER_VECTOR) /* vectors of a tile's sums */
 
 #if VLANES == 16
-/* The full tile's 4 x 4 outputs at y (rows ldy apart) as one vector, lane 4j + i holding y[j * ldy + i]. */
-static inline vfloat load_tile(const float *y, long ldy) {
+/* The 4 x 4 outputs of a full tile at y (rows ldy apart) as one vector, lane 4j + i holding y[j * ldy + i]; n_rows
+ * is always ROWS_PER_VECTOR (4) here. */
+static inline vfloat load_tile(const float *y, long ldy, long n_rows) {
+    (void)n_rows;
     return _mm512_insertf32x4(_mm512_insertf32x4(_mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(y)),
                                                                     _mm_loadu_ps(y + ldy), 1),
                                                  _mm_loadu_ps(y + 2 * ldy), 2),
                               _mm_loadu_ps(y + 3 * ldy), 3);
 }
-static inline void store_tile(float *y, long ldy, vfloat out) {
+static inline void store_tile(float *y, long ldy, vfloat out, long n_rows) {
+    (void)n_rows;
     _mm_storeu_ps(y, _mm512_castps512_ps128(out));
     _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(out, 1));
     _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(out, 2));
@@ -38,13 +46,15 @@ static inline void store_tile(float *y, long ldy, vfloat out) {
 /* b[0..3] in each X row's lanes */
 static inline vfloat broadcast_tile_row(const float *b) { return _mm512_broadcast_f32x4(_mm_loadu_ps(b)); }
 #else
-/* The same for the 4 x 2 tile of 8 lanes. */
-static inline vfloat load_tile(const float *y, long ldy) {
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(y)), _mm_loadu_ps(y + ldy), 1);
+/* The same for a vector of 2 rows' outputs, or of 1 (the tile's third row: the upper lanes are zeros, not stored). */
+static inline vfloat load_tile(const float *y, long ldy, long n_rows) {
+    const __m128 row0 = _mm_loadu_ps(y);
+    return n_rows == 2 ? _mm256_insertf128_ps(_mm256_castps128_ps256(row0), _mm_loadu_ps(y + ldy), 1)
+                       : _mm256_zextps128_ps256(row0);
 }
-static inline void store_tile(float *y, long ldy, vfloat out) {
+static inline void store_tile(float *y, long ldy, vfloat out, long n_rows) {
     _mm_storeu_ps(y, _mm256_castps256_ps128(out));
-    _mm_storeu_ps(y + ldy, _mm256_extractf128_ps(out, 1));
+    if (n_rows == 2) _mm_storeu_ps(y + ldy, _mm256_extractf128_ps(out, 1));
 }
 static inline vfloat broadcast_tile_row(const float *b) { return _mm256_broadcast_ps((const __m128 *)b); }
 #endif
@@ -54,8 +64,8 @@ static inline vfloat broadcast_tile_row(const float *b) { return _mm256_broadcas
 static inline __attribute__((always_inline)) void tile(const float *w, const float *x, const float *b, float *y,
                                                       long n_w, long n_x, long cols, long ld, long ldy, int first,
                                                       int last_gelu) {
-    vfloat acc[VLANES];
-    for (int t = 0; t < VLANES; t++) acc[t] = vzero();
+    vfloat acc[TILE_W * TILE_X];
+    for (int t = 0; t < TILE_W * TILE_X; t++) acc[t] = vzero();
     for (long k = 0; k < cols; k += VLANES) {
         vfloat xk[TILE_X];
         for (long j = 0; j < n_x; j++) xk[j] = vload(x + j * ld + k);
@@ -64,23 +74,35 @@ static inline __attribute__((always_inline)) void tile(const float *w, const flo
             for (long j = 0; j < n_x; j++) acc[4 * j + i] = vfmadd(wk, xk[j], acc[4 * j + i]);
         }
     }
-    vfloat out = vsum_lanes(acc);
+    vfloat sums[TILE_VECTORS]; /* vector g: the sums of X rows from g * ROWS_PER_VECTOR on */
+    for (int g = 0; g < TILE_VECTORS; g++) {
+        vfloat part[VLANES];
+        for (int t = 0; t < VLANES; t++) part[t] = g * VLANES + t < TILE_W * TILE_X ? acc[g * VLANES + t] : vzero();
+        sums[g] = vsum_lanes(part);
+    }
     if (n_w == TILE_W && n_x == TILE_X) {
-        if (!first)
-            out = vadd(out, load_tile(y, ldy));
-        else if (b)
-            out = vadd(out, broadcast_tile_row(b));
-        if (last_gelu) out = vgelu(out);
-        store_tile(y, ldy, out);
+        for (int g = 0; g < TILE_VECTORS; g++) {
+            const long row = g * ROWS_PER_VECTOR;
+            const long n_rows = TILE_X - row < ROWS_PER_VECTOR ? TILE_X - row : ROWS_PER_VECTOR;
+            vfloat out = sums[g];
+            if (!first)
+                out = vadd(out, load_tile(y + row * ldy, ldy, n_rows));
+            else if (b)
+                out = vadd(out, broadcast_tile_row(b));
+            if (last_gelu) out = vgelu(out);
+            store_tile(y + row * ldy, ldy, out, n_rows);
+        }
         return;
     }
-    float sums[VLANES] = {0};
+    float outs[TILE_VECTORS * VLANES] = {0};
     for (long j = 0; j < n_x; j++)
-        for (long i = 0; i < n_w; i++) sums[4 * j + i] = first ? (b ? b[i] : 0.0f) : y[j * ldy + i];
-    out = vadd(out, vload(sums));
-    vstore(sums, last_gelu ? vgelu(out) : out);
+        for (long i = 0; i < n_w; i++) outs[4 * j + i] = first ? (b ? b[i] : 0.0f) : y[j * ldy + i];
+    for (int g = 0; g < TILE_VECTORS; g++) {
+        const vfloat out = vadd(sums[g], vload(outs + g * VLANES));
+        vstore(outs + g * VLANES, last_gelu ? vgelu(out) : out);
+    }
     for (long j = 0; j < n_x; j++)
-        for (long i = 0; i < n_w; i++) y[j * ldy + i] = sums[4 * j + i];
+        for (long i = 0; i < n_w; i++) y[j * ldy + i] = outs[4 * j + i];
 }
 
 int prefill_matmul_f32(const float *W, const float *X, const float *b, float *Y, long m, long rows, long cols,
