@@ -70,13 +70,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def machine() -> dict[str, object]:
-    model_name = platform.processor()
+    model_name, family = platform.processor(), {}
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model_name = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key == "Model name":
+                model_name = value.strip()
+            elif key in ("CPU family", "Model"):  # what a virtual machine's bare "AMD EPYC" leaves to tell
+                family[key.lower()] = value.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
+    if family:
+        model_name += " (" + ", ".join(f"{key} {value}" for key, value in family.items()) + ")"
     versions = {name: _version(name) for name in ("transformers", "ctranslate2")}
     return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__, **versions,
             "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -13,6 +13,11 @@ AMD EPYC (Zen 4), 2 threads, 12 heads of 64 (16 for the 512-token prefill), fast
                                       1 x 1024 after 0  8 x 32 after 500  1 x 32 after 900  8 x 1 after 1000
                                       1.07              1.24              1.12              0.26
 
+and with AVX2 on an AMD EPYC (Zen 2), 12 heads of 64, the same cases in order (fastest of 15):
+
+                                      0.64              0.79              0.86              0.80
+                                      0.88              1.21              1.61              0.63
+
 So a chunk of several queries takes the kernel while its queries read at most MAX_AVERAGE_KEYS keys on average,
 and a single query per row (a decode step) always.
 """

@@ -1,10 +1,10 @@
-"""fp32 and bf16 matmuls of 1 to 16 input rows on the CPU (a decode step's), on small AVX-512 kernels built once
-with `cc`.
+"""fp32 and bf16 matmuls of 1 to 16 input rows on the CPU (a decode step's), on small C kernels built once with `cc`
+(AVX-512, or AVX2 and FMA: see `gpt2.cpu_kernels`).
 
 A decode step at batch b reads every weight once for b rows, so up to a few rows its matmuls are bound by how
 fast they stream the weights. Torch's fastest route on the AMD EPYC (Zen 4) this engine is tuned on is oneDNN,
 which runs one row as `brg_matmul:avx2` (`ONEDNN_VERBOSE=1`); MKL streams at half its speed on AMD.
-`csrc/small_batch_matmul_f32.c` walks a block of weight rows at once with one AVX-512 accumulator per (input row,
+`csrc/small_batch_matmul_f32.c` walks a block of weight rows at once with one vector accumulator per (input row,
 weight row), prefetching the next block as each streams (see the source for what that gained over prefetching
 each row's stream ahead, as when these were measured). All DialoGPT-small decode matmuls in sequence (494 MB,
 cold; 2 threads, fastest of 7 interleaved, on a machine whose bandwidth drifts 1.5x):
@@ -14,8 +14,16 @@ cold; 2 threads, fastest of 7 interleaved, on a machine whose bandwidth drifts 1
     this kernel     12.1 ms    12.1 ms    13.4 ms    17.7 ms    21.9 ms    25.9 ms
 
 (in a quieter minute of the last session, 1 row: 10.0 against 15.1 ms, and a plain max-reduction over the same
-bytes 8.5 ms). A last pass of fewer than 4 rows costs it: 10 rows take 23.2 against 23.8 ms. More rows go to
-`gpt2.prefill_matmul` or oneDNN's GEMM.
+bytes 8.5 ms). A last pass of fewer than 4 rows costs it: 10 rows take 23.2 against 23.8 ms. With AVX2, on an AMD
+EPYC (Zen 2), median of 7 interleaved, where oneDNN's small matmuls are slower still (block shapes:
+csrc/small_batch_loop.h):
+
+    input rows      1          2          3          4          8          16
+    oneDNN          41.5 ms    73.2 ms    95.8 ms    96.6 ms    97.9 ms    119.2 ms
+    this kernel     20.6 ms    23.0 ms    24.0 ms    24.4 ms    27.7 ms    35.1 ms
+
+and one GEMV over a weight-sized matrix (494 MB) took it 22.4 ms against oneDNN's 22.3 and a max-reduction's
+21.8. More rows go to `gpt2.prefill_matmul` or oneDNN's GEMM.
 
 The kernel is built with the engine's other C kernels (see `gpt2.cpu_kernels`); where they are unavailable the
 model keeps oneDNN. A decode step of plain fp32 blocks runs its block matmuls inside `gpt2.decode_blocks`; this

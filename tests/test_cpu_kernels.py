@@ -75,3 +75,24 @@ def test_a_changed_source_builds_a_new_library(fresh_build, monkeypatch, tmp_pat
     cpu_kernels._load.cache_clear()
     assert cpu_kernels.unavailable_reason() is None
     assert len(list((fresh_build / "kernels").glob("cpu_kernels-*.so"))) == 2
+
+
+def test_instruction_set_follows_the_cpu_flags(fresh_build, monkeypatch):
+    """AVX-512 where the CPU has it, else AVX2 with FMA; a CPU with neither keeps torch's ops and says why."""
+    for flags, expected in [({"avx512f", "avx2", "fma"}, "AVX-512"), ({"avx2", "fma"}, "AVX2"), ({"avx2"}, None),
+                            ({"sse4_2", "fma"}, None)]:
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert cpu_kernels.instruction_set() == expected
+    cpu_kernels._load.cache_clear()
+    assert "this CPU has neither AVX-512 nor AVX2 with FMA" in cpu_kernels.unavailable_reason()
+
+
+@pytest.mark.skipif(cpu_kernels.shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("isa", sorted(cpu_kernels.ISA_FLAGS))
+def test_every_instruction_set_compiles(isa, tmp_path):
+    """Both builds compile on any machine, whichever one it runs: a CPU of the other kind would otherwise be the
+    first to see an error in that build's half of csrc/simd.h (compiling only; a CPU without AVX-512 cannot run it)."""
+    command = ["cc", *cpu_kernels.FLAGS, *cpu_kernels.ISA_FLAGS[isa], "-Wall", "-Wextra", "-Werror",
+               *map(str, cpu_kernels._sources()), "-o", str(tmp_path / "kernels.so")]
+    run = cpu_kernels.subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
