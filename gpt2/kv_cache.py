@@ -8,6 +8,8 @@ Rows of a batch may hold different numbers of tokens (`lengths`); a forward over
 from __future__ import annotations
 
 import copy
+import math
+import mmap
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -128,6 +130,20 @@ class ForwardStep:
         return allowed[:, None]  # (B, 1, T, S)
 
 
+def zeros_on_demand(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of shape; on the CPU in fresh anonymous memory, which Linux maps to the zero page and backs with memory
+    only where a page is first written, so that a cache costs time and memory for the slots it holds, not its
+    length. torch.zeros writes the whole buffer: a 32-token prefill that allocates its 1024-slot cache (AMD EPYC,
+    Zen 2, 2 threads, median of 5 interleaved), torch.zeros against this: DialoGPT-small batch 1 66.1 / 62.9 ms,
+    batch 8 447.8 / 332.8; medium batch 1 239.2 / 200.4, batch 8 (805 MB of cache) 1509.7 / 1212.2; a 64-slot cache,
+    small batch 8, 353.5 / 351.7. torch.zeros elsewhere."""
+    n_bytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or n_bytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
+        return torch.zeros(shape, device=device, dtype=dtype)
+    memory = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps `memory` alive
+
+
 class KVCache:
     """Per-layer K and V buffers of shape (B, H, max_len, D), written in place (never concatenated)."""
 
@@ -136,8 +152,8 @@ class KVCache:
         if max_len > config.n_positions:
             raise ValueError(f"KV cache length {max_len} exceeds the model's n_positions ({config.n_positions})")
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = zeros_on_demand(shape, device, dtype)  # (L, B, H, S, D)
+        self.v = zeros_on_demand(shape, device, dtype)
         self.lengths: list[int] = [0] * batch_size  # tokens held per row
         self.n_positions = config.n_positions
 
