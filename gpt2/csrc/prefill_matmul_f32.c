@@ -50,7 +50,7 @@ static inline vfloat broadcast_tile_row(const float *b) { return _mm512_broadcas
 static inline vfloat load_tile(const float *y, long ldy, long n_rows) {
     const __m128 row0 = _mm_loadu_ps(y);
     return n_rows == 2 ? _mm256_insertf128_ps(_mm256_castps128_ps256(row0), _mm_loadu_ps(y + ldy), 1)
-                       : _mm256_zextps128_ps256(row0);
+                       : _mm256_insertf128_ps(_mm256_setzero_ps(), row0, 0);
 }
 static inline void store_tile(float *y, long ldy, vfloat out, long n_rows) {
     _mm_storeu_ps(y, _mm256_castps256_ps128(out));
