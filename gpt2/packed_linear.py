@@ -81,7 +81,9 @@ class PackedLinear(CpuPackedLinear):
         return self.plain_weight
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
-        return PackedLinear(self.dense_weight(), self.bias)
+        # a copy of the plain weight: the constructor shares a bf16 tensor it is given, which would tie the copy
+        # to this layer's memory
+        return PackedLinear(self.dense_weight().clone(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed for oneDNN"

@@ -103,6 +103,8 @@ def test_packed_model_generates_and_scores(packed):
 def test_deepcopy_repacks_and_casting_is_refused(packed):
     twin = copy.deepcopy(packed)
     assert torch.equal(twin.h[0].mlp.c_fc.dense_weight(), packed.h[0].mlp.c_fc.dense_weight())
+    assert twin.h[0].mlp.c_fc.dense_weight().data_ptr() != packed.h[0].mlp.c_fc.dense_weight().data_ptr()
+    assert twin.lm_head.dense_weight().data_ptr() != packed.wte.weight.data_ptr()  # not the original's wte
     twin.to("cpu", torch.bfloat16)  # what it is already: allowed
     with pytest.raises(ValueError, match="oneDNN-packed bf16 weights, which stay on the CPU in torch.bfloat16"):
         twin.to(torch.float32)
