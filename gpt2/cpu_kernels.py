@@ -46,6 +46,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                                       + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
                                       + [ctypes.c_void_p] * 2 + [ctypes.c_float])
     lib.decode_blocks_f32.restype = ctypes.c_int
+    lib.decode_step_f32.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long]
+                                    + [ctypes.c_void_p] * 3)
+    lib.decode_step_f32.restype = ctypes.c_int
     from .cpu_attention import AttentionStrides  # imported here: cpu_attention imports this module
 
     lib.attention_f32.argtypes = [ctypes.c_void_p, AttentionStrides, ctypes.c_void_p, ctypes.c_void_p,

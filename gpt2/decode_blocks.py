@@ -67,7 +67,7 @@ class Plan:
 _plans: weakref.WeakKeyDictionary[GPT2, Plan] = weakref.WeakKeyDictionary()
 
 
-def _block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
+def block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
     """Every block's tensors in `BlockWeights` order (next_ln: the next block's ln_1, or ln_f after the last), or None
     where a block's linear is not a plain nn.Linear (quantized or packed: gpt2.quantize, gpt2.packed_linear).
 
@@ -88,7 +88,7 @@ def _block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
 def _weights_plan(model: GPT2) -> Plan | None:
     """The model's plan, rebuilt when any block tensor was replaced or moved; None where a tensor is missing, not
     contiguous fp32, or needs autograd."""
-    tensors = _block_tensors(model)
+    tensors = block_tensors(model)
     if tensors is None or any(t is None for t in tensors):
         _plans.pop(model, None)
         return None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cpu_decode_step import CpuDecodeStep
 from .decode_graph import StaticDecodeStep, cuda_graphs_enabled
 from .kv_cache import KVCache
 from .sampling import NGramBans, RandomStreams, SamplingParams, apply_repetition_penalty, choose_next
@@ -68,10 +69,11 @@ def decode_one_token(model: GPT2, cache: KVCache, tokens: torch.Tensor) -> torch
 
 
 def decoder_for(model: GPT2, cache: KVCache) -> DecodeFn:
-    """The decode step over cache: replayed from a CUDA graph captured for it on CUDA, else eager."""
+    """The decode step over cache: replayed from a CUDA graph captured for it on CUDA, one C call where the CPU's
+    kernels take the whole step (`gpt2.cpu_decode_step`), else the model's forward."""
     if cuda_graphs_enabled(model):
         return StaticDecodeStep(model, cache, use_graph=True)
-    return partial(decode_one_token, model, cache)
+    return CpuDecodeStep.build(model, cache) or partial(decode_one_token, model, cache)
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 /* Every transformer block of a CPU decode step in one call: 1 to 16 rows of one new token each, fp32 (see
- * gpt2/decode_blocks.py for why, and gpt2/model.py's Block for the same computation in torch).
+ * gpt2/decode_blocks.py for why, and gpt2/model.py's Block for the same computation in torch); and the whole step,
+ * token ids to logits, in one call (see gpt2/cpu_decode_step.py).
  *
  * Per block: qkv = n W_attn^T + b; each row's new key and value go to its cache slot; each head's query attends
  * over the row's cached keys; h += proj(attention); n = ln_2(h); h += proj(gelu_new(fc(n))); n = next_ln(h),
@@ -7,6 +8,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "attention_f32.h"
 #include "simd_math.h"
@@ -93,5 +95,39 @@ int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float
         add_layer_norm(h, proj, w->next_ln_w, w->next_ln_b, n, B, C, eps);
     }
     free(qkv);
+    return status;
+}
+
+/* The model's parameters for a whole step: wte (vocab, C), also the lm_head; wpe (n_positions, C); ln_1 of the first
+ * block; the blocks as for decode_blocks_f32. */
+typedef struct {
+    const float *wte, *wpe, *ln_1_w, *ln_1_b;
+    const block_weights *blocks;
+    long n_layer, vocab, n_positions, C, H;
+    float eps;
+} model_weights;
+
+/* One decode step of B rows, token ids to logits: h = wte[tokens[b]] + wpe[slot[b]], n = ln_1(h), every block (see
+ * decode_blocks_f32: each row's new key and value go to slot[b]), then logits (B, vocab) = ln_f(h) wte^T.
+ * Returns 0; -3 for a token outside [0, vocab) or a slot outside [0, min(n_positions, max_len)) (nothing done); else
+ * decode_blocks_f32's status. */
+int decode_step_f32(const model_weights *m, const long *tokens, long B, float *k_cache, float *v_cache, long max_len,
+                    const int *slot, const int *kv_len, float *logits) {
+    const long C = m->C;
+    for (long b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab || slot[b] < 0 || slot[b] >= m->n_positions || slot[b] >= max_len)
+            return -3;
+    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16) return -1;
+    float *h = malloc(sizeof(float) * 2 * B * C); /* h (B, C), then n (B, C) */
+    if (!h) return -2;
+    float *n = h + B * C;
+    for (long b = 0; b < B; b++) {
+        memcpy(h + b * C, m->wte + tokens[b] * C, sizeof(float) * C);
+        add_layer_norm(h + b * C, m->wpe + (long)slot[b] * C, m->ln_1_w, m->ln_1_b, n + b * C, 1, C, m->eps);
+    }
+    int status = decode_blocks_f32(m->blocks, m->n_layer, h, n, B, C, m->H, k_cache, v_cache, max_len, slot, kv_len,
+                                   m->eps);
+    if (!status) small_batch_matmul_f32(m->wte, n, NULL, logits, B, m->vocab, C, 0);
+    free(h);
     return status;
 }

@@ -1,0 +1,140 @@
+"""A whole CPU fp32 decode step in one C call (gpt2/cpu_decode_step.py) against the model's forward over the same
+cache: logits, the KV cache it writes, generation, bad input, where it must not apply, and changed weights.
+
+Tolerance: as tests/test_decode_blocks.py (1e-5 of the logits' largest magnitude): the blocks run the same C code,
+and the embeddings, the first LayerNorm and the lm_head differ from the forward's torch ops only in summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2 import cpu_kernels, generation
+from gpt2.cpu_decode_step import CpuDecodeStep
+from gpt2.generation import decode_one_token, prefill
+from tests.test_decode_blocks import CONFIGS, assert_close, model_for
+
+pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def prompts_of(lengths: list[int]) -> list[list[int]]:
+    return [[(7 * i + j) % 500 for j in range(n)] for i, n in enumerate(lengths)]
+
+
+def run_both(model, lengths: list[int], steps: int, max_len: int = 96) -> tuple:
+    """Prefill ragged prompts into two caches, then `steps` decode steps on each with the same random tokens: one
+    through the C step, one through the model's forward. Returns (C logits, forward logits, C cache, forward cache)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        fast_cache, forward_cache = model.new_cache(len(lengths), max_len), model.new_cache(len(lengths), max_len)
+        step = CpuDecodeStep.build(model, fast_cache)
+        assert step is not None
+        prefill(model, fast_cache, prompts_of(lengths))
+        prefill(model, forward_cache, prompts_of(lengths))
+        fast, forward = [], []
+        for _ in range(steps):
+            tokens = torch.randint(0, model.config.vocab_size, (len(lengths),), generator=generator)
+            fast.append(step(tokens))
+            forward.append(decode_one_token(model, forward_cache, tokens))
+        return torch.stack(fast), torch.stack(forward), fast_cache, forward_cache
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("lengths", [[5], [3, 17, 1], [4, 8, 15, 16, 23, 42, 1, 2, 3, 5, 8, 13, 21],
+                                     list(range(1, 17))])  # batch 1, 3, 13 and 16 (the most rows it takes)
+def test_matches_the_models_forward(config, lengths):
+    """20 decode steps past ragged prompts: logits, each row's cached keys and values, and the rows' lengths."""
+    fast, forward, fast_cache, forward_cache = run_both(model_for(config), lengths, 20)
+    assert_close(fast, forward)
+    assert fast_cache.lengths == forward_cache.lengths == [n + 20 for n in lengths]
+    assert_close(fast_cache.k, forward_cache.k)
+    assert_close(fast_cache.v, forward_cache.v)
+
+
+def test_generation_runs_on_it_and_is_unchanged(monkeypatch):
+    """Greedy and sampled generation through the C step give the tokens of the forward's decode loop."""
+    model = model_for("96x2")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    built = []
+    build = CpuDecodeStep.build
+    monkeypatch.setattr(CpuDecodeStep, "build", staticmethod(lambda *a: built.append(build(*a)) or built[-1]))
+    greedy = model.generate(prompts, max_new_tokens=12, eos_token_id=None)
+    sampled = model.generate(prompts, max_new_tokens=12, eos_token_id=None, do_sample=True, top_k=20, seed=3)
+    assert len(built) == 2 and None not in built
+    monkeypatch.setattr(CpuDecodeStep, "build", staticmethod(lambda *a: None))
+    assert model.generate(prompts, max_new_tokens=12, eos_token_id=None) == greedy
+    assert model.generate(prompts, max_new_tokens=12, eos_token_id=None, do_sample=True, top_k=20, seed=3) == sampled
+
+
+def test_bad_tokens_and_a_full_cache_are_refused_and_change_nothing():
+    model = model_for("64x4")
+    with torch.inference_mode():
+        cache = model.new_cache(2, 6)
+        step = CpuDecodeStep.build(model, cache)
+        prefill(model, cache, [[1, 2, 3], [4, 5]])
+        k_before = cache.k.clone()
+        for tokens, message in [(torch.tensor([7, 500]), "token id 500 is outside the vocabulary"),
+                                (torch.tensor([-1, 7]), "token id -1 is outside the vocabulary"),
+                                (torch.tensor([7, 8, 9]), "3 int64 ids|must be 2 int64 ids"),
+                                (torch.tensor([7.0, 8.0]), "must be 2 int64 ids")]:
+            with pytest.raises(ValueError, match=message):
+                step(tokens)
+            assert cache.lengths == [3, 2]
+            assert torch.equal(cache.k, k_before)
+        for _ in range(3):
+            step(torch.tensor([7, 8]))
+        with pytest.raises(ValueError, match="KV cache full: a row holds 6 of 6 tokens"):
+            step(torch.tensor([7, 8]))
+        assert cache.lengths == [6, 5]
+
+
+def test_applies_only_where_it_can(monkeypatch):
+    model = model_for("64x4")
+    with torch.inference_mode():
+        assert CpuDecodeStep.build(model, model.new_cache(16, 8)) is not None
+        assert CpuDecodeStep.build(model, model.new_cache(17, 8)) is None  # past the small-batch kernel's rows
+        assert isinstance(generation.decoder_for(model, model.new_cache(16, 8)), CpuDecodeStep)
+        assert not isinstance(generation.decoder_for(model, model.new_cache(17, 8)), CpuDecodeStep)
+        model.lm_head = torch.nn.Linear(64, 500, bias=False)  # an lm_head of its own (as quantize and packing set)
+        assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None
+        model.lm_head = None
+        with monkeypatch.context() as patch:
+            patch.setattr(model.wpe, "weight", torch.nn.Parameter(model.wpe.weight.detach().t().contiguous().t()))
+            assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None  # a strided embedding
+    model.train().requires_grad_()  # autograd needs torch's ops
+    assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None
+
+
+def forward_logits(model, lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    """One decode step past the prompts of lengths through the model's forward."""
+    with torch.inference_mode():
+        cache = model.new_cache(len(lengths), 32)
+        prefill(model, cache, prompts_of(lengths))
+        return decode_one_token(model, cache, tokens)
+
+
+@pytest.mark.parametrize("how", ["new parameter", "new data"])
+def test_weights_are_read_when_it_is_built(how):
+    """A weight replaced after the step was built is not used by it, nor freed under it; the next one uses it."""
+    model = model_for("64x4")
+    lengths, tokens = [3, 5], torch.tensor([1, 2])
+    original, replacement = model.wte.weight.detach().clone(), torch.randn(500, 64)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 32)
+        step = CpuDecodeStep.build(model, cache)
+        prefill(model, cache, prompts_of(lengths))
+    with torch.no_grad():
+        if how == "new parameter":
+            model.wte.weight = torch.nn.Parameter(replacement)
+        else:
+            model.wte.weight.data = replacement
+    with torch.inference_mode():
+        stale = step(tokens)
+        fresh = CpuDecodeStep.build(model, model.new_cache(2, 32))
+    changed = forward_logits(model, lengths, tokens)
+    model.wte.weight = torch.nn.Parameter(original)
+    assert_close(stale, forward_logits(model, lengths, tokens))  # the weights as they were when it was built
+    assert fresh is not None and (changed - stale).abs().max() > 1e-3
+
