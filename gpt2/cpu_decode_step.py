@@ -1,17 +1,23 @@
-"""A whole CPU fp32 decode step in one C call, token ids to logits (`decode_step_f32` in csrc/decode_blocks_f32.c):
-what a generate call's decode loop runs on the CPU where the C kernels apply.
+"""A whole CPU decode step in one C call, token ids to logits: what a generate call's decode loop runs on the CPU where
+the C kernels take the step, for fp32 models (`decode_step_f32` in csrc/decode_blocks_f32.c) and bf16 ones
+(`csrc/decode_step_bf16.c`, on CPUs with avx512_bf16).
 
-`model(tokens, cache=...)` runs the blocks in one C call too (`gpt2.decode_blocks`), but around it a step costs
-about 30 torch ops and Python calls: the step's position tensors, the embeddings, the first LayerNorm, the check
+`model(tokens, cache=...)` runs an fp32 step's blocks in one C call too (`gpt2.decode_blocks`), but around it a step
+costs about 30 torch ops and Python calls: the step's position tensors, the embeddings, the first LayerNorm, the check
 that the kernel's weight table still matches the model, the lm_head's dispatch. After the step's weights have
 streamed through, each of them finds its data in DRAM. Measured on an AMD EPYC (Zen 5), 2 threads, batch 1,
-interleaved, median of 41: the step through `model(...)` took 1.0-1.6 ms longer than its two C calls (blocks and
-lm_head) alone, against a weight-streaming bound of 8-13 ms. Here the embeddings, that LayerNorm and the lm_head
-run inside the C call, the weight table is checked once per generation (as the CUDA graph pool checks its
-weights once per lease), and a step costs a few Python operations besides.
+interleaved, median of 41: the fp32 step through `model(...)` took 1.0-1.6 ms longer than its two C calls (blocks
+and lm_head) alone, against a weight-streaming bound of 8-13 ms. A bf16 step through `model(...)` runs torch's ops
+between its matmuls. Here the embeddings, that LayerNorm and the lm_head run inside the C call, the weight table is
+checked once per generation (as the CUDA graph pool checks its weights once per lease), and a step costs a few
+Python operations besides. The same machine, a step and its argmax, this against `model(...)`, median of 25
+interleaved: fp32 batch 1 11.56 / 12.08 ms (small), 23.33 / 24.23 (medium); bf16 batch 1 6.17 / 8.27 and 18.74 /
+22.69, batch 8 8.65 / 12.97 and 22.89 / 31.45.
 
-It applies where `decode_blocks` does (plain fp32 blocks, 1-16 rows, a contiguous fp32 cache, the kernels built,
-outside autograd), on the torch backend, with the lm_head tied to wte. Each call appends one token to every row.
+It applies on the torch backend to fp32 or bf16 models whose block linears have plain weights (nn.Linear, or
+`gpt2.packed_linear`'s layers: not int8) and whose lm_head is tied to wte or has a plain weight and no bias, at 1-16
+rows over a contiguous cache of the model's dtype, n_embd a multiple of 16 (32 in bf16) and head_dim a multiple of
+16 up to 256, outside autograd, where the kernels are built. Each call appends one token to every row.
 """
 
 from __future__ import annotations
@@ -21,57 +27,84 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import cpu_kernels, decode_blocks
+from . import cpu_attention, cpu_kernels, decode_blocks, small_batch_matmul
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
     from .model import GPT2
 
+EMBD_MULTIPLE = {torch.float32: 16, torch.bfloat16: 32}  # the kernels read rows in 64-byte vectors
+
 
 class ModelWeights(ctypes.Structure):
-    """The model's parameters for a whole step (`model_weights` in the C source)."""
+    """The model's parameters for a whole step (`model_weights` in decode_blocks_f32.c, `model_weights_bf16`)."""
 
     _fields_ = [("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p), ("ln_1_w", ctypes.c_void_p),
-                ("ln_1_b", ctypes.c_void_p), ("blocks", ctypes.c_void_p), ("n_layer", ctypes.c_long),
-                ("vocab", ctypes.c_long), ("n_positions", ctypes.c_long), ("C", ctypes.c_long), ("H", ctypes.c_long),
-                ("eps", ctypes.c_float)]
+                ("ln_1_b", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
+                ("n_layer", ctypes.c_long), ("vocab", ctypes.c_long), ("n_positions", ctypes.c_long),
+                ("C", ctypes.c_long), ("H", ctypes.c_long), ("eps", ctypes.c_float)]
+
+
+def lm_head_weight(model: GPT2) -> torch.Tensor | None:
+    """The lm_head's plain (vocab, n_embd) weight: wte where tied; None for an lm_head with a bias or none such."""
+    if model.lm_head is None:
+        return model.wte.weight
+    tensors = decode_blocks.linear_tensors(model.lm_head)
+    return tensors[0] if tensors is not None and tensors[1] is None else None
+
+
+def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The C step for a model of this dtype, where it runs here."""
+    if dtype == torch.float32 and cpu_kernels.library() is not None:
+        return cpu_kernels.library().decode_step_f32
+    if dtype == torch.bfloat16 and cpu_kernels.bf16_available():
+        return cpu_kernels.library().decode_step_bf16
+    return None
 
 
 class CpuDecodeStep:
-    """Callable tokens (B,) -> logits (B, V) for the next position of every row, appending to `cache`.
+    """Callable tokens (B,) -> logits (B, V) in the model's dtype for the next position of every row, appending to
+    `cache`.
 
     Built by `build`, which returns None where the C step does not apply. The model's weights are read as they are
     when it is built: the step holds their storage, so a weight replaced during the generation is neither freed
     under the kernel nor used before the next generation (a weight changed in place is used at once)."""
 
-    def __init__(self, model: GPT2, cache: KVCache, plan: decode_blocks.Plan, tensors: list[torch.Tensor]) -> None:
-        """tensors: wte, wpe, the first ln_1's weight and bias, then every tensor the plan's table points to."""
+    def __init__(self, model: GPT2, cache: KVCache, kernel: ctypes._CFuncPtr, tensors: list[torch.Tensor]) -> None:
+        """tensors: wte, wpe, the first ln_1's weight and bias, the lm_head's weight, then the blocks' tensors in
+        `decode_blocks.BlockWeights` order."""
         config = model.config
         self.cache = cache
+        self.kernel = kernel
         self._storages = [t.untyped_storage() for t in tensors]  # kept alive while the kernel reads them
-        self._plan = plan  # its table of block weights, which `weights` points into
-        self.weights = ModelWeights(*(t.data_ptr() for t in tensors[:4]), ctypes.addressof(plan.weights),
+        self._blocks = decode_blocks.weights_table([t.data_ptr() for t in tensors[5:]])
+        self.weights = ModelWeights(*(t.data_ptr() for t in tensors[:5]), ctypes.addressof(self._blocks),
                                     config.n_layer, config.vocab_size, config.n_positions, config.n_embd,
                                     config.n_head, config.layer_norm_epsilon)
-        batch = cache.batch_size
-        self.slots = (ctypes.c_int * batch)()  # each row's new token's slot (= position)
-        self.kv_len = (ctypes.c_int * batch)()  # each row's keys after the step: slot + 1
+        self.slots = (ctypes.c_int * cache.batch_size)()  # each row's new token's slot (= position)
         self.vocab_size = config.vocab_size
+        self.dtype = model.dtype
 
     @classmethod
     def build(cls, model: GPT2, cache: KVCache) -> CpuDecodeStep | None:
         """The C decode step over cache, or None where it does not apply (see the module docstring)."""
-        if model.lm_head is not None or model.backend.name != "torch":
+        config, dtype = model.config, model.dtype
+        kernel = _kernel(dtype)
+        shape = (config.n_layer, cache.batch_size, config.n_head, cache.max_len, config.head_dim)
+        if (kernel is None or model.device.type != "cpu" or model.backend.name != "torch"
+                or not 1 <= cache.batch_size <= small_batch_matmul.MAX_ROWS
+                or config.n_embd % EMBD_MULTIPLE[dtype] or config.head_dim % 16
+                or config.head_dim > cpu_attention.MAX_HEAD_DIM
+                or not all(t.shape == shape and t.dtype == dtype and t.is_contiguous() for t in (cache.k, cache.v))):
             return None
-        probe = torch.empty(cache.batch_size, 1, model.config.n_embd)  # (B, 1, C): the step's shape, for the checks
-        step = cache.begin([0] * cache.batch_size, 1)
-        plan = decode_blocks.plan_for(model, probe, step, cache)
         first = model.h[0].ln_1
-        tensors = [model.wte.weight, model.wpe.weight, first.weight, first.bias]
-        if plan is None or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                                   and not (torch.is_grad_enabled() and t.requires_grad) for t in tensors):
+        tensors = [model.wte.weight, model.wpe.weight, first.weight, first.bias, lm_head_weight(model)]
+        tensors += decode_blocks.block_tensors(model) or [None]
+        grad = torch.is_grad_enabled()
+        if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                   and not (grad and t.requires_grad) for t in tensors):
             return None
-        return cls(model, cache, plan, tensors + decode_blocks.block_tensors(model))
+        return cls(model, cache, kernel, tensors)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -84,18 +117,16 @@ class CpuDecodeStep:
                              f"{tokens.dtype}")
         tokens = tokens.contiguous()
         self.slots[:] = lengths
-        self.kv_len[:] = [n + 1 for n in lengths]
-        logits = torch.empty(len(lengths), self.vocab_size)  # (B, V)
-        status = cpu_kernels.library().decode_step_f32(
-            ctypes.byref(self.weights), tokens.data_ptr(), len(lengths), cache.k.data_ptr(), cache.v.data_ptr(),
-            cache.max_len, self.slots, self.kv_len, logits.data_ptr())
+        logits = torch.empty(len(lengths), self.vocab_size, dtype=self.dtype)  # (B, V)
+        status = self.kernel(ctypes.byref(self.weights), tokens.data_ptr(), len(lengths), cache.k.data_ptr(),
+                             cache.v.data_ptr(), cache.max_len, self.slots, logits.data_ptr())
         if status == -3:
             bad = [t for t in tokens.tolist() if not 0 <= t < self.vocab_size]
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})" if bad else
                              f"a row's position {max(lengths)} is outside the model's n_positions")
         if status == -2:
-            raise MemoryError("decode_step_f32: out of memory for a decode step's scratch buffers")
+            raise MemoryError("the C decode step: out of memory for its scratch buffers")
         if status != 0:
-            raise RuntimeError(f"decode_step_f32 refused this step (status {status}); `build` should have said so")
+            raise RuntimeError(f"the C decode step refused this step (status {status}); `build` should have said so")
         cache.lengths = [n + 1 for n in lengths]
         return logits

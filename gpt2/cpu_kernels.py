@@ -6,8 +6,8 @@ the command, and loaded with ctypes. Its OpenMP runtime is the libgomp torch has
 torch's threads. They are written in `csrc/simd.h`'s vectors: AVX-512 (`-mavx512f -mfma`) where the CPU has it,
 else AVX2 with FMA (`-mavx2 -mfma`). Without either or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps
 torch's ops; `unavailable_reason()` says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows),
-`prefill_matmul` (of more rows), `cpu_attention` (causal attention over the KV cache) and `decode_blocks` (a decode
-step's blocks in one call).
+`prefill_matmul` (of more rows), `cpu_attention` (causal attention over the KV cache), `decode_blocks` (a decode
+step's blocks in one call) and `cpu_decode_step` (a whole decode step, fp32 or bf16, in one call).
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                                       + [ctypes.c_void_p] * 2 + [ctypes.c_float])
     lib.decode_blocks_f32.restype = ctypes.c_int
     lib.decode_step_f32.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long]
-                                    + [ctypes.c_void_p] * 3)
+                                    + [ctypes.c_void_p] * 2)
     lib.decode_step_f32.restype = ctypes.c_int
+    lib.decode_step_bf16.argtypes = lib.decode_step_f32.argtypes
+    lib.decode_step_bf16.restype = ctypes.c_int
     from .cpu_attention import AttentionStrides  # imported here: cpu_attention imports this module
 
     lib.attention_f32.argtypes = [ctypes.c_void_p, AttentionStrides, ctypes.c_void_p, ctypes.c_void_p,

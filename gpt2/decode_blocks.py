@@ -16,7 +16,9 @@ decode step (median of 5) beside the weight-streaming bound sampled between them
 and at the batch of an MMI chat's 10 candidates, and 16 (fastest of 15, another minute): small 42.7 -> 36.6 ms
 and 53.6 -> 42.1 ms, medium 112.5 -> 91.0 ms and 136.8 -> 98.4 ms. With AVX2 (an AMD EPYC of Zen 2), a whole
 batch-1 step against one GEMV over the same bytes, interleaved, median of 25: small 18.98 against 18.07 ms, medium
-44.96 against 41.06; of a small step 11.9 ms were this call, 5.5 the lm_head and 0.7 the rest.
+44.96 against 41.06; of a small step 11.9 ms were this call, 5.5 the lm_head and 0.7 the rest. That rest is why
+a generation's decode loop runs the whole step, embeddings to logits, in one call instead (`gpt2.cpu_decode_step`);
+this call serves the model's forward.
 
 It takes plain fp32 `nn.Linear` blocks (not quantized or packed) with a contiguous KV cache, 1-16 rows of one
 token each, outside autograd, where the C kernels are built (`gpt2.cpu_kernels`). The kernel's table of weight
@@ -67,9 +69,18 @@ class Plan:
 _plans: weakref.WeakKeyDictionary[GPT2, Plan] = weakref.WeakKeyDictionary()
 
 
+def linear_tensors(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (out, in), bias or None) of a plain nn.Linear, or of a layer that keeps its plain weight beside a packed
+    one (`gpt2.packed_linear.PackedLinear`); None for other layers (int8: `gpt2.quantize`)."""
+    if type(linear) is nn.Linear:
+        return linear._parameters["weight"], linear._parameters["bias"]
+    weight = getattr(linear, "plain_weight", None)
+    return None if weight is None else (weight, linear._buffers.get("bias"))
+
+
 def block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
     """Every block's tensors in `BlockWeights` order (next_ln: the next block's ln_1, or ln_f after the last), or None
-    where a block's linear is not a plain nn.Linear (quantized or packed: gpt2.quantize, gpt2.packed_linear).
+    where a block's linear has no plain weight (see `linear_tensors`).
 
     Read from the modules' dicts: nn.Module's attribute lookups made this 0.7 ms of a medium decode step."""
     blocks = list(model.h._modules.values())
@@ -77,12 +88,20 @@ def block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
     for i, block in enumerate(blocks):
         attn, mlp = block._modules["attn"]._modules, block._modules["mlp"]._modules
         next_norm = blocks[i + 1]._modules["ln_1"] if i + 1 < len(blocks) else model._modules["ln_f"]
-        linears = (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])
-        if any(type(linear) is not nn.Linear for linear in linears):
+        linears = [linear_tensors(linear) for linear in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
+        if None in linears:
             return None
-        for module in (linears[0], linears[1], block._modules["ln_2"], linears[2], linears[3], next_norm):
-            tensors += (module._parameters["weight"], module._parameters["bias"])
+        norms = [(norm._parameters["weight"], norm._parameters["bias"]) for norm in (block._modules["ln_2"], next_norm)]
+        for pair in (linears[0], linears[1], norms[0], linears[2], linears[3], norms[1]):
+            tensors += pair
     return tensors
+
+
+def weights_table(pointers: list[int]) -> ctypes.Array:
+    """The kernel's table of block weights (`BlockWeights` per block) from their data pointers in that order."""
+    per_block = len(BlockWeights._fields_)
+    return (BlockWeights * (len(pointers) // per_block))(*(BlockWeights(*pointers[i:i + per_block])
+                                                           for i in range(0, len(pointers), per_block)))
 
 
 def _weights_plan(model: GPT2) -> Plan | None:
@@ -98,10 +117,7 @@ def _weights_plan(model: GPT2) -> Plan | None:
         _plans.pop(model, None)
         if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
             return None
-        per_block = len(BlockWeights._fields_)
-        weights = (BlockWeights * len(model.h))(*(BlockWeights(*pointers[i:i + per_block])
-                                                  for i in range(0, len(pointers), per_block)))
-        plan = _plans[model] = Plan(ids, pointers, weights)
+        plan = _plans[model] = Plan(ids, pointers, weights_table(pointers))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     return plan

@@ -19,7 +19,8 @@ on the plain (out, in) weight, kept beside the packed one, where the kernels are
 avx512_bf16: all DialoGPT-small decode matmuls at 1 row 10.4 ms against 15.2 packed, at 8 rows 11.9 against 19.1
 (that module's table). oneDNN keeps the longer calls, where its packed layout is the fastest (32 rows 31.8 ms
 against 47.6 on the plain one). So a packed bf16 model holds each block matrix twice, in bf16 (as much memory as
-its fp32 weights), and wte twice: the lm_head's plain weight is wte itself, beside its packed copy.
+its fp32 weights), and wte twice: the lm_head's plain weight is wte itself, beside its packed copy. A generation's
+decode steps run on the plain weights in one C call per step (`gpt2.cpu_decode_step`), not through these layers.
 """
 
 from __future__ import annotations

@@ -7,12 +7,16 @@ and the embeddings, the first LayerNorm and the lm_head differ from the forward'
 
 from __future__ import annotations
 
+import copy
+from functools import partial
+
 import pytest
 import torch
 
 from gpt2 import cpu_kernels, generation
 from gpt2.cpu_decode_step import CpuDecodeStep
 from gpt2.generation import decode_one_token, prefill
+from tests.checkpoints import engine_twin
 from tests.test_decode_blocks import CONFIGS, assert_close, model_for
 
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
@@ -97,7 +101,7 @@ def test_applies_only_where_it_can(monkeypatch):
         assert CpuDecodeStep.build(model, model.new_cache(17, 8)) is None  # past the small-batch kernel's rows
         assert isinstance(generation.decoder_for(model, model.new_cache(16, 8)), CpuDecodeStep)
         assert not isinstance(generation.decoder_for(model, model.new_cache(17, 8)), CpuDecodeStep)
-        model.lm_head = torch.nn.Linear(64, 500, bias=False)  # an lm_head of its own (as quantize and packing set)
+        model.lm_head = torch.nn.Linear(64, 500)  # an lm_head with a bias
         assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None
         model.lm_head = None
         with monkeypatch.context() as patch:
@@ -105,6 +109,24 @@ def test_applies_only_where_it_can(monkeypatch):
             assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None  # a strided embedding
     model.train().requires_grad_()  # autograd needs torch's ops
     assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None
+
+
+def test_an_lm_head_of_its_own_is_used():
+    """An untied lm_head without a bias (a checkpoint's own lm_head.weight) is the step's, not wte."""
+    model = model_for("128x2")
+    model.lm_head = torch.nn.Linear(128, 500, bias=False)
+    fast, forward, _, _ = run_both(model, [4, 9], 5)
+    assert_close(fast, forward)
+
+
+def test_an_int8_model_keeps_the_forward():
+    from gpt2.quantize import int8_available, quantize_int8
+
+    if not int8_available():
+        pytest.skip("no int8 kernels in this torch")
+    model = quantize_int8(model_for("64x4"))
+    with torch.inference_mode():
+        assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None
 
 
 def forward_logits(model, lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -138,3 +160,57 @@ def test_weights_are_read_when_it_is_built(how):
     assert_close(stale, forward_logits(model, lengths, tokens))  # the weights as they were when it was built
     assert fresh is not None and (changed - stale).abs().max() > 1e-3
 
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_kernels.bf16_available(), reason="no avx512_bf16 on this CPU")
+
+
+def rel_rms(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((approx.float() - exact).norm() / exact.norm()).item()
+
+
+def bf16_decode(model, token_ids: torch.Tensor, prompt_len: int, c_step: bool) -> torch.Tensor:
+    """Logits (B, T - prompt_len + 1, V) of a prefill of prompt_len tokens, then one decode step per further token,
+    through the C step or the model's forward."""
+    with torch.inference_mode():
+        cache = model.new_cache(token_ids.shape[0], token_ids.shape[1])
+        step = CpuDecodeStep.build(model, cache) if c_step else partial(decode_one_token, model, cache)
+        assert step is not None
+        logits = [prefill(model, cache, token_ids[:, :prompt_len].tolist())]
+        logits += [step(token_ids[:, t]) for t in range(prompt_len, token_ids.shape[1])]
+    return torch.stack(logits, dim=1)
+
+
+@needs_bf16
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_step_is_as_near_fp32_as_torchs_bf16(reference_model, token_ids, packed):
+    """The bound of tests/test_packed_linear.py: the logits' relative RMS error against the fp32 reference at most twice
+    that of transformers' model cast to bf16. The C step rounds less than torch's bf16 ops (its residual stream stays
+    fp32), so it is nearer than the forward's bf16 decode steps; both are held to that bound."""
+    from gpt2.packed_linear import pack_bf16
+
+    prompt_len = 4
+    model = engine_twin(reference_model).to(torch.bfloat16)
+    if packed:
+        model = pack_bf16(model)
+    with torch.inference_mode():
+        exact = reference_model(token_ids).logits[:, prompt_len - 1:]  # (2, T - 3, V)
+        torch_bf16 = copy.deepcopy(reference_model).to(torch.bfloat16)(token_ids).logits[:, prompt_len - 1:]
+    ours = bf16_decode(model, token_ids, prompt_len, c_step=True)
+    forward = bf16_decode(model, token_ids, prompt_len, c_step=False)
+    assert ours.dtype == torch.bfloat16
+    assert rel_rms(ours, exact) <= 2 * rel_rms(torch_bf16, exact)
+    assert rel_rms(ours, exact) <= rel_rms(forward, exact)
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean().item() > 0.9
+
+
+@needs_bf16
+def test_bf16_generation_runs_on_it(reference_model, monkeypatch):
+    from gpt2.packed_linear import pack_bf16
+
+    model = pack_bf16(engine_twin(reference_model).to(torch.bfloat16))
+    built = []
+    build = CpuDecodeStep.build
+    monkeypatch.setattr(CpuDecodeStep, "build", staticmethod(lambda *a: built.append(build(*a)) or built[-1]))
+    out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=6, eos_token_id=None)
+    assert [len(row) for row in out] == [6, 6] and len(built) == 1 and built[0] is not None

@@ -11,16 +11,9 @@
 #include <string.h>
 
 #include "attention_f32.h"
+#include "decode_weights.h"
 #include "simd_math.h"
 #include "small_batch_matmul.h"
-
-/* One block's parameters, each row-major fp32 as in nn.Linear ([out, in]) and nn.LayerNorm. */
-typedef struct {
-    const float *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
-    const float *ln_2_w, *ln_2_b;
-    const float *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
-    const float *next_ln_w, *next_ln_b;
-} block_weights;
 
 /* h += x, then n = LayerNorm(h) * w + b, for B rows of C floats (two passes over h's row in L1). */
 static void add_layer_norm(float *h, const float *x, const float *w, const float *b, float *n, long B, long C,
@@ -98,26 +91,20 @@ int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float
     return status;
 }
 
-/* The model's parameters for a whole step: wte (vocab, C), also the lm_head; wpe (n_positions, C); ln_1 of the first
- * block; the blocks as for decode_blocks_f32. */
-typedef struct {
-    const float *wte, *wpe, *ln_1_w, *ln_1_b;
-    const block_weights *blocks;
-    long n_layer, vocab, n_positions, C, H;
-    float eps;
-} model_weights;
-
 /* One decode step of B rows, token ids to logits: h = wte[tokens[b]] + wpe[slot[b]], n = ln_1(h), every block (see
- * decode_blocks_f32: each row's new key and value go to slot[b]), then logits (B, vocab) = ln_f(h) wte^T.
- * Returns 0; -3 for a token outside [0, vocab) or a slot outside [0, min(n_positions, max_len)) (nothing done); else
- * decode_blocks_f32's status. */
+ * decode_blocks_f32: each row's new key and value go to slot[b], its query attends keys [0, slot[b]]), then logits
+ * (B, vocab) = ln_f(h) lm_head^T. Returns 0; -3 for a token outside [0, vocab) or a slot outside
+ * [0, min(n_positions, max_len)) (nothing done); else decode_blocks_f32's status. */
 int decode_step_f32(const model_weights *m, const long *tokens, long B, float *k_cache, float *v_cache, long max_len,
-                    const int *slot, const int *kv_len, float *logits) {
+                    const int *slot, float *logits) {
     const long C = m->C;
-    for (long b = 0; b < B; b++)
+    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16) return -1;
+    int kv_len[SMALL_BATCH_MAX_ROWS];
+    for (long b = 0; b < B; b++) {
         if (tokens[b] < 0 || tokens[b] >= m->vocab || slot[b] < 0 || slot[b] >= m->n_positions || slot[b] >= max_len)
             return -3;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16) return -1;
+        kv_len[b] = slot[b] + 1;
+    }
     float *h = malloc(sizeof(float) * 2 * B * C); /* h (B, C), then n (B, C) */
     if (!h) return -2;
     float *n = h + B * C;
@@ -127,7 +114,7 @@ int decode_step_f32(const model_weights *m, const long *tokens, long B, float *k
     }
     int status = decode_blocks_f32(m->blocks, m->n_layer, h, n, B, C, m->H, k_cache, v_cache, max_len, slot, kv_len,
                                    m->eps);
-    if (!status) small_batch_matmul_f32(m->wte, n, NULL, logits, B, m->vocab, C, 0);
+    if (!status) small_batch_matmul_f32(m->lm_head, n, NULL, logits, B, m->vocab, C, 0);
     free(h);
     return status;
 }

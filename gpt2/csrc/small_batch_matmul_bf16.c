@@ -6,24 +6,14 @@
  * the bias and gelu_new in fp32 and is rounded to bf16 once, to nearest even, as oneDNN's bf16 matmul does. The
  * loop is the fp32 kernel's (small_batch_matmul_f32.c): the threads split W's rows, each walks a block of W rows
  * at once with one accumulator per (input row, W row), and the next block is prefetched as this one streams.
- * Only called where the CPU has avx512_bf16 (gpt2.cpu_kernels.bf16_available), so only these functions are compiled
- * for it.
+ * Only called where the CPU has avx512_bf16 (bf16.h).
  */
-#include <immintrin.h>
-#include <stdint.h>
-
+#include "bf16.h"
 #include "simd_math.h"
 #include "small_batch_loop.h"
 #include "small_batch_matmul.h"
 
 #if VLANES == 16 /* an AVX-512 build (simd.h); elsewhere the function below refuses every call */
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-/* fp32 values of n <= 16 bf16 at p (the other lanes 0): a bf16 is the upper half of an fp32. */
-static inline BF16_TARGET __m512 load_bf16(const uint16_t *p, __mmask16 lanes) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16));
-}
-
 /* Y[j, i] = X[j] . w[i] + b[i] for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
 static inline BF16_TARGET __attribute__((always_inline)) void block(const uint16_t *w, const uint16_t *X,
                                                                    const uint16_t *b, uint16_t *Y, long n_w,
@@ -49,7 +39,7 @@ static inline BF16_TARGET __attribute__((always_inline)) void block(const uint16
         __m512 y = _mm512_maskz_loadu_ps(lanes, sums);
         if (b) y = _mm512_add_ps(y, load_bf16(b, lanes));
         if (gelu) y = vgelu(y);
-        _mm256_mask_storeu_epi16(Y + j * y_stride, lanes, (__m256i)_mm512_cvtneps_pbh(y));
+        store_bf16(Y + j * y_stride, lanes, y);
     }
 }
 
