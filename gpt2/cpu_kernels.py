@@ -145,6 +145,6 @@ def status() -> str:
     if reason is not None:
         return f"fp32 steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
     built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
-    bf16 = "bf16 decode matmuls of 1-16 rows too" if bf16_available() else "not bf16's (no avx512_bf16 on this CPU)"
+    bf16 = "bf16 decode steps of 1-16 rows too" if bf16_available() else "not bf16's (no avx512_bf16 on this CPU)"
     return (f"fp32 decode steps of 1-16 rows, prefill matmuls and attention: this engine's C kernels "
             f"({instruction_set()}), {bf16} (gpt2/cpu_kernels.py; {built}, not in the timings)")
