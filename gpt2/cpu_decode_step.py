@@ -6,7 +6,7 @@ the C kernels take the step, for fp32 models (`decode_step_f32` in csrc/decode_b
 costs about 30 torch ops and Python calls: the step's position tensors, the embeddings, the first LayerNorm, the check
 that the kernel's weight table still matches the model, the lm_head's dispatch. After the step's weights have
 streamed through, each of them finds its data in DRAM. Measured on an AMD EPYC (Zen 5), 2 threads, batch 1,
-interleaved, median of 41: the fp32 step through `model(...)` took 1.0-1.6 ms longer than its two C calls (blocks
+interleaved, median of 41: the fp32 step through `model(...)` took 0.75-1.6 ms longer than its two C calls (blocks
 and lm_head) alone, against a weight-streaming bound of 8-13 ms. A bf16 step through `model(...)` runs torch's ops
 between its matmuls. Here the embeddings, that LayerNorm and the lm_head run inside the C call, the weight table is
 checked once per generation (as the CUDA graph pool checks its weights once per lease), and a step costs a few
