@@ -91,13 +91,24 @@ def test_instruction_set_follows_the_cpu_flags(fresh_build, monkeypatch):
     assert "this CPU has neither AVX-512 nor AVX2 with FMA" in cpu_kernels.unavailable_reason()
 
 
+def test_block_shapes_follow_the_cpu(monkeypatch):
+    """Zen 5 (AMD family 26) gets its own one-row block shape; Zen 4, Intel and an unreadable /proc/cpuinfo none."""
+    for info, expected in [({"vendor_id": "AuthenticAMD", "cpu family": "26"}, ["-DSHAPE_1=8,1"]),
+                           ({"vendor_id": "AuthenticAMD", "cpu family": "25"}, []),
+                           ({"vendor_id": "GenuineIntel", "cpu family": "6"}, []), ({}, [])]:
+        monkeypatch.setattr(cpu_kernels, "cpu_info", lambda info=info: info)
+        assert cpu_kernels.tuned_flags() == expected
+
+
 @pytest.mark.skipif(shutil.which("cc") is None or platform.machine() not in ("x86_64", "AMD64"),
                     reason="needs a C compiler for x86-64")
+@pytest.mark.parametrize("tuned", [[], *cpu_kernels.TUNED_FLAGS.values()], ids=" ".join)
 @pytest.mark.parametrize("isa", sorted(cpu_kernels.ISA_FLAGS))
-def test_every_instruction_set_compiles(isa, tmp_path):
-    """Both builds compile on any machine, whichever one it runs: a CPU of the other kind would otherwise be the
-    first to see an error in that build's half of csrc/simd.h (compiling only; a CPU without AVX-512 cannot run it)."""
-    command = ["cc", *cpu_kernels.FLAGS, *cpu_kernels.ISA_FLAGS[isa], "-Wall", "-Wextra", "-Werror",
+def test_every_instruction_set_compiles(isa, tuned, tmp_path):
+    """Both builds, with each CPU's block shapes, compile on any machine, whichever one it runs: a CPU of the other
+    kind would otherwise be the first to see an error in that build's half of csrc/simd.h (compiling only; a CPU
+    without AVX-512 cannot run it)."""
+    command = ["cc", *cpu_kernels.FLAGS, *cpu_kernels.ISA_FLAGS[isa], *tuned, "-Wall", "-Wextra", "-Werror",
                *map(str, cpu_kernels._sources()), "-o", str(tmp_path / "kernels.so")]
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -34,19 +34,33 @@
  * DialoGPT-small decode matmuls in turn, median of 7 interleaved, 3 W rows x 4 input rows against 4 x 3 took 24.4 /
  * 26.4 ms at 4 rows, 27.7 / 31.9 at 8, 35.1 / 45.0 at 16 (2 x 4: 24.1 / 34.6 / 55.3); 1-3 rows took 20-24 ms with
  * 4 to 12 W rows a block, within the noise (oneDNN: 41.5 ms for 1 row, 73.2 for 2, 96.6 for 4, 119 for 16). A
- * block's W rows are at most VLANES: gelu_new is applied to a block's outputs as one vector. */
-#ifndef SHAPE_1
+ * block's W rows are at most VLANES: gelu_new is applied to a block's outputs as one vector. Each shape may be set
+ * with -D; gpt2/cpu_kernels.py does so per CPU (TUNED_FLAGS): on an AMD EPYC of Zen 5, a one-row matmul over 494 MB
+ * (DialoGPT-small's decode weights) took 2.3-7.4% less time with 4-10 W rows a block than with 16, and the whole
+ * step 3.9-5.4% less with 8 (median of 31-41 interleaved); 2 and 8+ input rows kept their shapes (B=8: 4 x 4 16.5
+ * ms a step against 17.0-17.4 for 2 x 4, 3 x 4 and 8 x 2; B=2: 8 x 2 and 4 x 2 within the noise). */
 #if VLANES == 16
-#define SHAPE_1 16, 1
-#define SHAPE_2 8, 2
-#define SHAPE_3 4, 3
-#define SHAPE_MANY 4, 4
+#define DEFAULT_SHAPE_1 16, 1
+#define DEFAULT_SHAPE_2 8, 2
+#define DEFAULT_SHAPE_3 4, 3
+#define DEFAULT_SHAPE_MANY 4, 4
 #else
-#define SHAPE_1 8, 1
-#define SHAPE_2 4, 2
-#define SHAPE_3 4, 3
-#define SHAPE_MANY 3, 4
+#define DEFAULT_SHAPE_1 8, 1
+#define DEFAULT_SHAPE_2 4, 2
+#define DEFAULT_SHAPE_3 4, 3
+#define DEFAULT_SHAPE_MANY 3, 4
 #endif
+#ifndef SHAPE_1
+#define SHAPE_1 DEFAULT_SHAPE_1
+#endif
+#ifndef SHAPE_2
+#define SHAPE_2 DEFAULT_SHAPE_2
+#endif
+#ifndef SHAPE_3
+#define SHAPE_3 DEFAULT_SHAPE_3
+#endif
+#ifndef SHAPE_MANY
+#define SHAPE_MANY DEFAULT_SHAPE_MANY
 #endif
 
 #define SMALL_BATCH_KERNEL_OF(T, ATTR, NAME, SHAPE) SMALL_BATCH_KERNEL(T, ATTR, NAME, SHAPE)
