@@ -89,9 +89,9 @@ class CpuDecodeStep:
     def build(cls, model: GPT2, cache: KVCache) -> CpuDecodeStep | None:
         """The C decode step over cache, or None where it does not apply (see the module docstring)."""
         config, dtype = model.config, model.dtype
-        kernel = _kernel(dtype)
+        kernel = _kernel(dtype) if model.device.type == "cpu" else None  # no build for a GPU's model
         shape = (config.n_layer, cache.batch_size, config.n_head, cache.max_len, config.head_dim)
-        if (kernel is None or model.device.type != "cpu" or model.backend.name != "torch"
+        if (kernel is None or model.backend.name != "torch"
                 or not 1 <= cache.batch_size <= small_batch_matmul.MAX_ROWS
                 or config.n_embd % EMBD_MULTIPLE[dtype] or config.head_dim % 16
                 or config.head_dim > cpu_attention.MAX_HEAD_DIM
