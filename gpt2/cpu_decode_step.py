@@ -27,14 +27,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import cpu_attention, cpu_kernels, decode_blocks, small_batch_matmul
+from . import cpu_kernels, decode_blocks
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
     from .model import GPT2
-
-EMBD_MULTIPLE = {torch.float32: 16, torch.bfloat16: 32}  # the kernels read rows in 64-byte vectors
-
 
 class ModelWeights(ctypes.Structure):
     """The model's parameters for a whole step (`model_weights` in decode_blocks_f32.c, `model_weights_bf16`)."""
@@ -88,18 +85,15 @@ class CpuDecodeStep:
     @classmethod
     def build(cls, model: GPT2, cache: KVCache) -> CpuDecodeStep | None:
         """The C decode step over cache, or None where it does not apply (see the module docstring)."""
-        config, dtype = model.config, model.dtype
+        dtype = model.dtype
         kernel = _kernel(dtype) if model.device.type == "cpu" else None  # no build for a GPU's model
-        shape = (config.n_layer, cache.batch_size, config.n_head, cache.max_len, config.head_dim)
-        if (kernel is None or model.backend.name != "torch"
-                or not 1 <= cache.batch_size <= small_batch_matmul.MAX_ROWS
-                or config.n_embd % EMBD_MULTIPLE[dtype] or config.head_dim % 16
-                or config.head_dim > cpu_attention.MAX_HEAD_DIM
-                or not all(t.shape == shape and t.dtype == dtype and t.is_contiguous() for t in (cache.k, cache.v))):
+        if kernel is None or model.backend.name != "torch" or not decode_blocks.takes_cache(model.config, cache, dtype):
+            return None
+        blocks = decode_blocks.block_tensors(model)
+        if blocks is None:
             return None
         first = model.h[0].ln_1
-        tensors = [model.wte.weight, model.wpe.weight, first.weight, first.bias, lm_head_weight(model)]
-        tensors += decode_blocks.block_tensors(model) or [None]
+        tensors = [model.wte.weight, model.wpe.weight, first.weight, first.bias, lm_head_weight(model), *blocks]
         grad = torch.is_grad_enabled()
         if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
                    and not (grad and t.requires_grad) for t in tensors):

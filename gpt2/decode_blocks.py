@@ -39,10 +39,11 @@ from . import cpu_attention, cpu_kernels, small_batch_matmul
 from .kv_cache import ForwardStep, KVCache
 
 if TYPE_CHECKING:
+    from .config import GPT2Config
     from .model import GPT2
 
 MAX_ROWS = small_batch_matmul.MAX_ROWS  # each block's matmuls run on the small-batch kernel
-ELEMENTS_MULTIPLE = 16  # n_embd and head_dim: the kernel reads rows and heads in 16-float vectors
+ELEMENTS_MULTIPLE = 16  # head_dim: the kernels read heads in 16-element vectors
 MAX_HEAD_DIM = cpu_attention.MAX_HEAD_DIM  # each block's attention runs on that kernel
 
 
@@ -123,18 +124,23 @@ def _weights_plan(model: GPT2) -> Plan | None:
     return plan
 
 
+def takes_cache(config: GPT2Config, cache: KVCache, dtype: torch.dtype) -> bool:
+    """What the C decode steps take (this module's and `gpt2.cpu_decode_step`'s): a contiguous cache of dtype in
+    config's shape, of 1-16 rows, n_embd in whole 64-byte vectors of dtype, head_dim a multiple of 16 up to 256."""
+    shape = (config.n_layer, cache.batch_size, config.n_head, cache.max_len, config.head_dim)
+    return (1 <= cache.batch_size <= MAX_ROWS
+            and config.n_embd * dtype.itemsize % small_batch_matmul.VECTOR_BYTES == 0
+            and config.head_dim % ELEMENTS_MULTIPLE == 0 and config.head_dim <= MAX_HEAD_DIM
+            and all(t.shape == shape and t.dtype == dtype and t.is_contiguous() for t in (cache.k, cache.v)))
+
+
 def plan_for(model: GPT2, x: torch.Tensor, step: ForwardStep, cache: KVCache | None) -> Plan | None:
     """The plan to run this step with, or None where the kernel does not apply: x (B, 1, C) must be a decode step of
-    1-16 rows on the CPU in fp32 over a contiguous cache of this model's shape, head_dim a multiple of 16 up to 256,
-    with the kernels built and the blocks plain fp32."""
-    config = model.config
-    B = x.shape[0]
+    every row of a cache the kernel takes (`takes_cache`), on the CPU in fp32, with the kernels built and the blocks
+    plain fp32."""
     if not (cache is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and step.chunk_len == 1 and 1 <= B <= MAX_ROWS
-            and config.n_embd % ELEMENTS_MULTIPLE == 0 and config.head_dim % ELEMENTS_MULTIPLE == 0
-            and config.head_dim <= MAX_HEAD_DIM
-            and cache.k.shape == cache.v.shape == (config.n_layer, B, config.n_head, cache.max_len, config.head_dim)
-            and cache.k.dtype == cache.v.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
+            and step.chunk_len == 1 and x.shape[0] == cache.batch_size
+            and takes_cache(model.config, cache, torch.float32)
             and step.q_start.dtype == step.kv_len.dtype == torch.int32
             and cpu_kernels.library() is not None):
         return None

@@ -99,12 +99,9 @@ int decode_step_f32(const model_weights *m, const long *tokens, long B, float *k
                     const int *slot, float *logits) {
     const long C = m->C;
     if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16) return -1;
+    if (!step_inputs_valid(tokens, slot, B, m->vocab, m->n_positions, max_len)) return -3;
     int kv_len[SMALL_BATCH_MAX_ROWS];
-    for (long b = 0; b < B; b++) {
-        if (tokens[b] < 0 || tokens[b] >= m->vocab || slot[b] < 0 || slot[b] >= m->n_positions || slot[b] >= max_len)
-            return -3;
-        kv_len[b] = slot[b] + 1;
-    }
+    for (long b = 0; b < B; b++) kv_len[b] = slot[b] + 1;
     float *h = malloc(sizeof(float) * 2 * B * C); /* h (B, C), then n (B, C) */
     if (!h) return -2;
     float *n = h + B * C;

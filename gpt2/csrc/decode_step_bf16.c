@@ -153,9 +153,7 @@ int decode_step_bf16(const model_weights_bf16 *m, const long *tokens, long B, ui
     const long C = m->C, D = m->H ? C / m->H : 0;
     if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 32 || D % 16 || D * m->H != C || D > ATTENTION_MAX_HEAD_DIM)
         return -1;
-    for (long b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= m->vocab || slot[b] < 0 || slot[b] >= m->n_positions || slot[b] >= max_len)
-            return -3;
+    if (!step_inputs_valid(tokens, slot, B, m->vocab, m->n_positions, max_len)) return -3;
 #if VLANES == 16
     return decode_step(m, tokens, B, k_cache, v_cache, max_len, slot, logits);
 #else

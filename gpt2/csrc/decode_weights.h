@@ -1,6 +1,6 @@
 /* The weight tables of the decode-step kernels (decode_blocks_f32.c in fp32, decode_step_bf16.c in bf16), laid out as
  * gpt2/decode_blocks.py's BlockWeights and gpt2/cpu_decode_step.py's ModelWeights: each weight row-major as in
- * nn.Linear ([out, in]) and nn.LayerNorm. */
+ * nn.Linear ([out, in]) and nn.LayerNorm; and the check of a step's inputs that both make. */
 #pragma once
 #include <stdint.h>
 
@@ -27,3 +27,12 @@ typedef BLOCK_WEIGHTS(float) block_weights;
 typedef BLOCK_WEIGHTS(uint16_t) block_weights_bf16;
 typedef MODEL_WEIGHTS(float, block_weights) model_weights;
 typedef MODEL_WEIGHTS(uint16_t, block_weights_bf16) model_weights_bf16;
+
+/* Every row's token inside [0, vocab) and slot inside [0, min(n_positions, max_len)). */
+static inline int step_inputs_valid(const long *tokens, const int *slot, long B, long vocab, long n_positions,
+                                    long max_len) {
+    for (long b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= vocab || slot[b] < 0 || slot[b] >= n_positions || slot[b] >= max_len)
+            return 0;
+    return 1;
+}
