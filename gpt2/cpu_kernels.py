@@ -27,9 +27,10 @@ import torch
 SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
-# Block shapes measured faster on a CPU than csrc/small_batch_loop.h's defaults, by (vendor_id, cpu family) in
-# /proc/cpuinfo: AMD's family 26 is Zen 5 (8 W rows a block for one input row, where Zen 4 measured 16 fastest).
-TUNED_FLAGS = {("AuthenticAMD", "26"): ["-DSHAPE_1=8,1"]}
+# Block shapes measured faster on a CPU than csrc/small_batch_loop.h's defaults, by `cpu_kind()`: AMD's family 26 is
+# Zen 5 (8 W rows a block for one input row, where Zen 4 measured 16 fastest); Intel's family 6 was measured on a
+# Xeon with AVX-512 and AMX (one W row a block for one input row: see small_batch_loop.h).
+TUNED_FLAGS = {("AuthenticAMD", "26"): ["-DSHAPE_1=8,1"], ("GenuineIntel", "6"): ["-DSHAPE_1=1,1"]}
 LIBRARY_STEM = "cpu_kernels"
 
 
@@ -144,10 +145,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(cpu_info().get("flags", "").split())
 
 
+def cpu_kind() -> tuple[str | None, str | None]:
+    """(vendor_id, cpu family) in /proc/cpuinfo, the key of this CPU's tuned settings (None for a field it lacks)."""
+    info = cpu_info()
+    return info.get("vendor_id"), info.get("cpu family")
+
+
 def tuned_flags() -> list[str]:
     """The compiler flags of this CPU's block shapes (`TUNED_FLAGS`), none for a CPU without its own."""
-    info = cpu_info()
-    return TUNED_FLAGS.get((info.get("vendor_id"), info.get("cpu family")), [])
+    return TUNED_FLAGS.get(cpu_kind(), [])
 
 
 def bf16_available() -> bool:

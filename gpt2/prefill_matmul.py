@@ -46,6 +46,12 @@ kernel, GFLOP/s, weights from DRAM, median of 8 interleaved:
     1024   107 / 150   106 / 140  113 / 150   123 / 120   111 / 152    111 / 147    115 / 153    118 / 121
 
 so there it takes every size measured: up to 1024 rows (GPT-2's longest prompt), of any width.
+
+On an Intel Xeon (AVX-512, AMX; 2 threads) oneDNN's fp32 GEMM runs near the FMA peak (2048^3: 331 GFLOP/s of 333 at
+2.6 GHz; 256 x 768 x 2304: 295) and wins from 65 rows on, so there the kernel takes up to 64 rows only
+(`TUNED_LIMITS`). One-token generates of 32-token prompts, median of 8 interleaved, the AVX-512 limits / oneDNN from
+17 rows / up to 64 rows: small batch 8 191.5 / 175.0 / 178.7 ms, batch 1 43.6 / 49.4 / 43.5; medium batch 8 627.5 /
+620.9 / 614.2 (4), batch 1 144.7 / 154.6 / 146.1 (6).
 """
 
 from __future__ import annotations
@@ -66,16 +72,23 @@ class Limits:
 
 
 LIMITS = {"AVX-512": Limits(64, 256 * 768), "AVX2": Limits(1024, 0)}  # by `cpu_kernels.instruction_set()`
+TUNED_LIMITS = {("GenuineIntel", "6", "AVX-512"): Limits(64, 0)}  # by `cpu_kernels.cpu_kind()` and instruction set
+
+
+def limits() -> Limits:
+    """This CPU's limits: its own (`TUNED_LIMITS`) where measured, else its instruction set's."""
+    isa = cpu_kernels.instruction_set()
+    return TUNED_LIMITS.get((*cpu_kernels.cpu_kind(), isa), LIMITS[isa])
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """More than 16 fp32 rows on the CPU, of the sizes where the kernel wins on this CPU's instruction set (`LIMITS`),
+    """More than 16 fp32 rows on the CPU, of the sizes where the kernel wins on this CPU (`limits`),
     against a contiguous fp32 weight whose width it takes, outside autograd (`small_batch_matmul.kernel_rows`)."""
     rows = small_batch_matmul.kernel_rows(x, weight, bias)
     if rows <= small_batch_matmul.MAX_ROWS:
         return False
-    limits = LIMITS[cpu_kernels.instruction_set()]
-    return rows <= limits.any_width_rows or x.numel() <= limits.max_input_floats
+    sizes = limits()
+    return rows <= sizes.any_width_rows or x.numel() <= sizes.max_input_floats
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:

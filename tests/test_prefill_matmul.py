@@ -26,7 +26,7 @@ SIZES = ([(n_rows, *shape) for n_rows in (17, 18, 19, 20, 33, 63, 64) for shape 
 def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu, monkeypatch):
     """Row and weight-row counts that leave partial tiles on either side, inputs of any leading shape and strides
     (all of them taken by the kernel here, whatever this instruction set's limits for oneDNN's sizes)."""
-    monkeypatch.setitem(prefill_matmul.LIMITS, cpu_kernels.instruction_set(), prefill_matmul.Limits(256, 0))
+    monkeypatch.setattr(prefill_matmul, "limits", lambda: prefill_matmul.Limits(256, 0))
     check_matches_linear(prefill_matmul, n_rows, out_features, in_features, with_bias, gelu)
 
 
@@ -45,8 +45,10 @@ def test_applies_only_to_what_it_can_take():
 
 @torch.inference_mode()
 def test_applies_where_it_beats_onednn_on_each_instruction_set(monkeypatch):
-    """The limits measured for each instruction set the kernels are built for (prefill_matmul's docstring)."""
+    """The limits measured for each instruction set the kernels are built for, and for an Intel CPU with AVX-512
+    (prefill_matmul's docstring)."""
     wide_input, square = torch.randn(8, 3072), torch.randn(768, 768)
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: ("AuthenticAMD", "25"))
     monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX-512")
     assert prefill_matmul.applies(torch.randn(64, 3072), wide_input, None)
     assert not prefill_matmul.applies(torch.randn(65, 3072), wide_input, None)  # oneDNN's GEMM is faster
@@ -56,6 +58,11 @@ def test_applies_where_it_beats_onednn_on_each_instruction_set(monkeypatch):
     assert prefill_matmul.applies(torch.randn(1024, 3072), wide_input, None)
     assert prefill_matmul.applies(torch.randn(8, 32, 768), square, None)
     assert not prefill_matmul.applies(torch.randn(1025, 768), square, None)  # unmeasured: oneDNN's
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: ("GenuineIntel", "6"))
+    assert prefill_matmul.applies(torch.randn(8, 32, 768), square, None)  # AVX2: the instruction set's limits
+    monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX-512")
+    assert prefill_matmul.applies(torch.randn(64, 3072), wide_input, None)
+    assert not prefill_matmul.applies(torch.randn(65, 768), square, None)  # oneDNN's GEMM near the FMA peak
 
 
 @torch.inference_mode()
