@@ -26,18 +26,23 @@ import ctypes
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from . import cpu_kernels, decode_blocks
 from .kv_cache import KVCache
+from .quantize import Int8Linear
 
 if TYPE_CHECKING:
     from .model import GPT2
+
+INT8_VECTOR = 64  # the int8 step reads n_embd in 64-byte vectors of int8
 
 class ModelWeights(ctypes.Structure):
     """The model's parameters for a whole step (`model_weights` in decode_blocks_f32.c, `model_weights_bf16`)."""
 
     _fields_ = [("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p), ("ln_1_w", ctypes.c_void_p),
-                ("ln_1_b", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
+                ("ln_1_b", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("lm_head_b", ctypes.c_void_p),
+                ("blocks", ctypes.c_void_p),
                 ("n_layer", ctypes.c_long), ("vocab", ctypes.c_long), ("n_positions", ctypes.c_long),
                 ("C", ctypes.c_long), ("H", ctypes.c_long), ("eps", ctypes.c_float)]
 
@@ -50,13 +55,34 @@ def lm_head_weight(model: GPT2) -> torch.Tensor | None:
     return tensors[0] if tensors is not None and tensors[1] is None else None
 
 
-def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
-    """The C step for a model of this dtype, where it runs here."""
+def int8_tensors(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An int8 layer's (weight (out, in) int8, rows (out, 3)) for the int8 step (`gpt2.quantize.Int8Linear`), or None
+    for another layer or one built where that step does not run."""
+    if not isinstance(linear, Int8Linear) or linear.step_weight is None:
+        return None
+    return linear.step_weight, linear.step_rows
+
+
+def _plan(model: GPT2) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set[torch.dtype]] | None:
+    """The C step for this model where one runs here, its tensors (wte, wpe, the first ln_1's weight and bias, the
+    lm_head's weight and bias, then the blocks' in `decode_blocks.BlockWeights` order) and the dtypes they may have."""
+    first = model.h[0].ln_1
+    head = [model.wte.weight, model.wpe.weight, first.weight, first.bias]
+    dtype = model.dtype
+    if isinstance(model.lm_head, Int8Linear):  # an int8 model (`gpt2.quantize`): int8 linears, fp32 otherwise
+        lm_head, blocks = int8_tensors(model.lm_head), decode_blocks.block_tensors(model, int8_tensors)
+        if (not cpu_kernels.int8_available() or model.config.n_embd % INT8_VECTOR or lm_head is None
+                or blocks is None):
+            return None
+        return cpu_kernels.library().decode_step_int8, [*head, *lm_head, *blocks], {torch.float32, torch.int8}
     if dtype == torch.float32 and cpu_kernels.library() is not None:
-        return cpu_kernels.library().decode_step_f32
-    if dtype == torch.bfloat16 and cpu_kernels.bf16_available():
-        return cpu_kernels.library().decode_step_bf16
-    return None
+        kernel = cpu_kernels.library().decode_step_f32
+    elif dtype == torch.bfloat16 and cpu_kernels.bf16_available():
+        kernel = cpu_kernels.library().decode_step_bf16
+    else:
+        return None
+    blocks = decode_blocks.block_tensors(model)
+    return None if blocks is None else (kernel, [*head, lm_head_weight(model), None, *blocks], {dtype})
 
 
 class CpuDecodeStep:
@@ -67,17 +93,19 @@ class CpuDecodeStep:
     when it is built: the step holds their storage, so a weight replaced during the generation is neither freed
     under the kernel nor used before the next generation (a weight changed in place is used at once)."""
 
-    def __init__(self, model: GPT2, cache: KVCache, kernel: ctypes._CFuncPtr, tensors: list[torch.Tensor]) -> None:
-        """tensors: wte, wpe, the first ln_1's weight and bias, the lm_head's weight, then the blocks' tensors in
-        `decode_blocks.BlockWeights` order."""
+    def __init__(self, model: GPT2, cache: KVCache, kernel: ctypes._CFuncPtr,
+                 tensors: list[torch.Tensor | None]) -> None:
+        """tensors: wte, wpe, the first ln_1's weight and bias, the lm_head's weight and bias (None for none), then
+        the blocks' tensors in `decode_blocks.BlockWeights` order."""
         config = model.config
         self.cache = cache
         self.kernel = kernel
-        self._storages = [t.untyped_storage() for t in tensors]  # kept alive while the kernel reads them
-        self._blocks = decode_blocks.weights_table([t.data_ptr() for t in tensors[5:]])
-        self.weights = ModelWeights(*(t.data_ptr() for t in tensors[:5]), ctypes.addressof(self._blocks),
-                                    config.n_layer, config.vocab_size, config.n_positions, config.n_embd,
-                                    config.n_head, config.layer_norm_epsilon)
+        present = [t for t in tensors if t is not None]
+        self._storages = [t.untyped_storage() for t in present]  # kept alive while the kernel reads them
+        pointers = [0 if t is None else t.data_ptr() for t in tensors]
+        self._blocks = decode_blocks.weights_table(pointers[6:])
+        self.weights = ModelWeights(*pointers[:6], ctypes.addressof(self._blocks), config.n_layer, config.vocab_size,
+                                    config.n_positions, config.n_embd, config.n_head, config.layer_norm_epsilon)
         self.slots = (ctypes.c_int * cache.batch_size)()  # each row's new token's slot (= position)
         self.vocab_size = config.vocab_size
         self.dtype = model.dtype
@@ -86,17 +114,17 @@ class CpuDecodeStep:
     def build(cls, model: GPT2, cache: KVCache) -> CpuDecodeStep | None:
         """The C decode step over cache, or None where it does not apply (see the module docstring)."""
         dtype = model.dtype
-        kernel = _kernel(dtype) if model.device.type == "cpu" else None  # no build for a GPU's model
-        if kernel is None or model.backend.name != "torch" or not decode_blocks.takes_cache(model.config, cache, dtype):
+        if (model.device.type != "cpu" or model.backend.name != "torch"  # no build for a GPU's model
+                or not decode_blocks.takes_cache(model.config, cache, dtype)):
             return None
-        blocks = decode_blocks.block_tensors(model)
-        if blocks is None:
+        plan = _plan(model)
+        if plan is None:
             return None
-        first = model.h[0].ln_1
-        tensors = [model.wte.weight, model.wpe.weight, first.weight, first.bias, lm_head_weight(model), *blocks]
+        kernel, tensors, dtypes = plan
         grad = torch.is_grad_enabled()
-        if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
-                   and not (grad and t.requires_grad) for t in tensors):
+        if tensors[4] is None or not all(
+                isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
+                and not (grad and t.requires_grad) for i, t in enumerate(tensors) if not (i == 5 and t is None)):
             return None
         return cls(model, cache, kernel, tensors)
 

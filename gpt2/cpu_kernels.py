@@ -7,7 +7,7 @@ torch's threads. They are written in `csrc/simd.h`'s vectors: AVX-512 (`-mavx512
 else AVX2 with FMA (`-mavx2 -mfma`). Without either or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps
 torch's ops; `unavailable_reason()` says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows),
 `prefill_matmul` (of more rows), `cpu_attention` (causal attention over the KV cache), `decode_blocks` (a decode
-step's blocks in one call) and `cpu_decode_step` (a whole decode step, fp32 or bf16, in one call).
+step's blocks in one call) and `cpu_decode_step` (a whole decode step, fp32, bf16 or int8, in one call).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_step_f32.restype = ctypes.c_int
     lib.decode_step_bf16.argtypes = lib.decode_step_f32.argtypes
     lib.decode_step_bf16.restype = ctypes.c_int
+    lib.decode_step_int8.argtypes = lib.decode_step_f32.argtypes
+    lib.decode_step_int8.restype = ctypes.c_int
+    lib.small_batch_matmul_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.small_batch_matmul_int8.restype = ctypes.c_int
     from .cpu_attention import AttentionStrides  # imported here: cpu_attention imports this module
 
     lib.attention_f32.argtypes = [ctypes.c_void_p, AttentionStrides, ctypes.c_void_p, ctypes.c_void_p,
@@ -162,6 +166,12 @@ def bf16_available() -> bool:
     return library() is not None and "avx512_bf16" in cpu_flags()
 
 
+def int8_available() -> bool:
+    """The int8 kernels (`csrc/small_batch_matmul_int8.c`, `csrc/decode_step_int8.c`) can run: the AVX-512 build is
+    loaded and the CPU has avx512_vnni, which only their functions are compiled for."""
+    return library() is not None and instruction_set() == "AVX-512" and "avx512_vnni" in cpu_flags()
+
+
 def compile_seconds() -> float:
     """What building the kernels cost this process (0 when they came from the cache or are unavailable)."""
     return _load()[2]
@@ -174,6 +184,7 @@ def status() -> str:
         return f"fp32 steps: torch's ops and oneDNN (the C kernels are unavailable: {reason})"
     built = f"built in {compile_seconds():.2f} s by this process" if compile_seconds() else "loaded from the cache"
     bf16 = "bf16 decode steps of 1-16 rows too" if bf16_available() else "not bf16's (no avx512_bf16 on this CPU)"
+    int8 = "int8 ones too" if int8_available() else "not int8's (no avx512_vnni on this CPU)"
     tuned = f"; {' '.join(tuned_flags())} for this CPU" if tuned_flags() else ""
     return (f"fp32 decode steps of 1-16 rows, prefill matmuls and attention: this engine's C kernels "
-            f"({instruction_set()}{tuned}), {bf16} (gpt2/cpu_kernels.py; {built}, not in the timings)")
+            f"({instruction_set()}{tuned}), {bf16}, {int8} (gpt2/cpu_kernels.py; {built}, not in the timings)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,9 +80,11 @@ def linear_tensors(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return None if weight is None else (weight, linear._buffers.get("bias"))
 
 
-def block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
-    """Every block's tensors in `BlockWeights` order (next_ln: the next block's ln_1, or ln_f after the last), or None
-    where a block's linear has no plain weight (see `linear_tensors`).
+def block_tensors(model: GPT2, tensors_of: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None] | None]
+                  = linear_tensors) -> list[torch.Tensor | None] | None:
+    """Every block's tensors in `BlockWeights` order (next_ln: the next block's ln_1, or ln_f after the last), each
+    linear's as `tensors_of` gives them (by default `linear_tensors`: its plain weight and bias), or None where it
+    gives None for one.
 
     Read from the modules' dicts: nn.Module's attribute lookups made this 0.7 ms of a medium decode step."""
     blocks = list(model.h._modules.values())
@@ -89,7 +92,7 @@ def block_tensors(model: GPT2) -> list[torch.Tensor | None] | None:
     for i, block in enumerate(blocks):
         attn, mlp = block._modules["attn"]._modules, block._modules["mlp"]._modules
         next_norm = blocks[i + 1]._modules["ln_1"] if i + 1 < len(blocks) else model._modules["ln_f"]
-        linears = [linear_tensors(linear) for linear in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
+        linears = [tensors_of(linear) for linear in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
         if None in linears:
             return None
         norms = [(norm._parameters["weight"], norm._parameters["bias"]) for norm in (block._modules["ln_2"], next_norm)]

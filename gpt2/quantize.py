@@ -66,6 +66,14 @@ class Int8Linear(CpuPackedLinear):
                              f"pack per-channel int8 weights ({str(e).splitlines()[0]}); load with "
                              "dtype=torch.bfloat16 for a lower-precision path instead") from None
         self.reduce_range = not cpu_has_vnni()
+        # Where the C decode step runs (`gpt2.cpu_decode_step`), the plain int8 weight (out, in) beside fbgemm's packed
+        # one, and each row's scale, bias and sum of its int8 values (out, 3) (csrc/int8.h's int8_row)
+        self.step_weight: torch.Tensor | None = None
+        self.step_rows: torch.Tensor | None = None
+        if cpu_kernels.int8_available():
+            self.step_weight = quantized.int_repr()
+            bias_values = torch.zeros(self.out_features) if bias is None else bias.detach().float()
+            self.step_rows = torch.stack([scales.float(), bias_values, self.step_weight.sum(dim=1).float()], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)

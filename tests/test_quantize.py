@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 
+from gpt2 import cpu_kernels
 from gpt2.quantize import Int8Linear, quantize_int8
 from tests.checkpoints import engine_twin
 
@@ -108,3 +109,29 @@ def test_load_with_quantize_int8(checkpoints):
         gpt2.load(checkpoints["hf-safetensors"], quantize="int4")
     with pytest.raises(ValueError, match="needs an fp32 model"):
         gpt2.load(checkpoints["hf-safetensors"], dtype=torch.bfloat16, quantize="int8")
+
+
+@pytest.mark.skipif(not cpu_kernels.int8_available(), reason="no avx512_vnni on this CPU")
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("out_features, in_features", [(33, 64), (17, 192), (260, 128)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_c_step_matmul_is_fbgemms_row_by_row(n_rows, out_features, in_features, gelu):
+    """The int8 decode step's matmul (csrc/small_batch_matmul_int8.c) quantizes each input row as fbgemm quantizes a
+    whole input: each row's output is the layer's own on that row alone, up to fp32 rounding (1e-5 of the largest),
+    for row and output counts that leave partial blocks and passes, with an input row of one sign and one of zeros."""
+    generator = torch.Generator().manual_seed(n_rows)
+    layer = Int8Linear(torch.randn(out_features, in_features, generator=generator) / 8,
+                       torch.randn(out_features, generator=generator))
+    x = torch.randn(n_rows, in_features, generator=generator) * 3
+    x[0] = x[0].abs()  # no negative value: the zero point at 0
+    if n_rows > 1:
+        x[1] = 0.0  # a zero range: fbgemm's fallback scale
+    y = torch.empty(n_rows, out_features)
+    status = cpu_kernels.library().small_batch_matmul_int8(layer.step_weight.data_ptr(), layer.step_rows.data_ptr(),
+                                                           x.data_ptr(), y.data_ptr(), n_rows, out_features,
+                                                           in_features, gelu)
+    expected = torch.cat([layer(x[j:j + 1]) for j in range(n_rows)])
+    if gelu:
+        expected = torch.nn.functional.gelu(expected, approximate="tanh")
+    assert status == 0
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -10,14 +10,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "attention_f32.h"
+#include "decode_ops_f32.h"
 #include "decode_weights.h"
 #include "simd_math.h"
 #include "small_batch_matmul.h"
 
-/* h += x, then n = LayerNorm(h) * w + b, for B rows of C floats (two passes over h's row in L1). */
-static void add_layer_norm(float *h, const float *x, const float *w, const float *b, float *n, long B, long C,
-                           float eps) {
+/* decode_ops_f32.h's: two passes over h's row in L1. */
+void add_layer_norm_f32(float *h, const float *x, const float *w, const float *b, float *n, long B, long C,
+                        float eps) {
     for (long row = 0; row < B; row++) {
         float *hr = h + row * C, *nr = n + row * C;
         const float *xr = x + row * C;
@@ -41,11 +41,8 @@ static void add_layer_norm(float *h, const float *x, const float *w, const float
     }
 }
 
-/* Writes row b's new key and value (qkv's k and v parts) at slot[b] when the row adds a token (kv_len > slot),
- * then out[b, h] = attention of the row's query over keys [0, min(slot + 1, kv_len)) for each head h.
- * qkv (B, 3, H, D); k, v (B, H, max_len, D) this layer's cache; out (B, H, D). */
-static int cached_attention(const float *qkv, float *k, float *v, const int *slot, const int *kv_len, float *out,
-                            long B, long H, long D, long max_len) {
+int cached_attention_f32(const float *qkv, float *k, float *v, const int *slot, const int *kv_len, float *out,
+                         long B, long H, long D, long max_len) {
     const long C = H * D;
     for (long b = 0; b < B; b++) {
         if (kv_len[b] <= slot[b]) continue;
@@ -63,7 +60,7 @@ static int cached_attention(const float *qkv, float *k, float *v, const int *slo
 }
 
 /* h, n (B, C): the residual stream and ln_1 of it for the first block; on return, after every block, and ln_f of
- * it. k_cache, v_cache (n_layer, B, H, max_len, D). slot, kv_len (B,): see cached_attention.
+ * it. k_cache, v_cache (n_layer, B, H, max_len, D). slot, kv_len (B,): see cached_attention_f32.
  * Returns 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C or D not a multiple of 16, or D over ATTENTION_MAX_HEAD_DIM
  * (nothing done); -2 when out of memory. */
 int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float *n, long B, long C, long H,
@@ -78,17 +75,26 @@ int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float
         const block_weights *w = blocks + layer;
         const long cache_offset = layer * B * H * max_len * D;
         small_batch_matmul_f32(w->attn_w, n, w->attn_b, qkv, B, 3 * C, C, 0);
-        status = cached_attention(qkv, k_cache + cache_offset, v_cache + cache_offset, slot, kv_len, attn, B, H, D,
+        status = cached_attention_f32(qkv, k_cache + cache_offset, v_cache + cache_offset, slot, kv_len, attn, B, H, D,
                                   max_len);
         if (status) break; /* out of memory: h and n are left part-way, the caller raises */
         small_batch_matmul_f32(w->attn_proj_w, attn, w->attn_proj_b, proj, B, C, C, 0);
-        add_layer_norm(h, proj, w->ln_2_w, w->ln_2_b, n, B, C, eps);
+        add_layer_norm_f32(h, proj, w->ln_2_w, w->ln_2_b, n, B, C, eps);
         small_batch_matmul_f32(w->fc_w, n, w->fc_b, fc, B, 4 * C, C, 1);
         small_batch_matmul_f32(w->mlp_proj_w, fc, w->mlp_proj_b, proj, B, C, 4 * C, 0);
-        add_layer_norm(h, proj, w->next_ln_w, w->next_ln_b, n, B, C, eps);
+        add_layer_norm_f32(h, proj, w->next_ln_w, w->next_ln_b, n, B, C, eps);
     }
     free(qkv);
     return status;
+}
+
+void embed_f32(const float *wte, const float *wpe, const float *ln_w, const float *ln_b, const long *tokens,
+               const int *slot, long B, long C, float eps, float *h, float *n, int *kv_len) {
+    for (long b = 0; b < B; b++) {
+        memcpy(h + b * C, wte + tokens[b] * C, sizeof(float) * C);
+        add_layer_norm_f32(h + b * C, wpe + (long)slot[b] * C, ln_w, ln_b, n + b * C, 1, C, eps);
+        kv_len[b] = slot[b] + 1;
+    }
 }
 
 /* One decode step of B rows, token ids to logits: h = wte[tokens[b]] + wpe[slot[b]], n = ln_1(h), every block (see
@@ -101,14 +107,10 @@ int decode_step_f32(const model_weights *m, const long *tokens, long B, float *k
     if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16) return -1;
     if (!step_inputs_valid(tokens, slot, B, m->vocab, m->n_positions, max_len)) return -3;
     int kv_len[SMALL_BATCH_MAX_ROWS];
-    for (long b = 0; b < B; b++) kv_len[b] = slot[b] + 1;
     float *h = malloc(sizeof(float) * 2 * B * C); /* h (B, C), then n (B, C) */
     if (!h) return -2;
     float *n = h + B * C;
-    for (long b = 0; b < B; b++) {
-        memcpy(h + b * C, m->wte + tokens[b] * C, sizeof(float) * C);
-        add_layer_norm(h + b * C, m->wpe + (long)slot[b] * C, m->ln_1_w, m->ln_1_b, n + b * C, 1, C, m->eps);
-    }
+    embed_f32(m->wte, m->wpe, m->ln_1_w, m->ln_1_b, tokens, slot, B, C, m->eps, h, n, kv_len);
     int status = decode_blocks_f32(m->blocks, m->n_layer, h, n, B, C, m->H, k_cache, v_cache, max_len, slot, kv_len,
                                    m->eps);
     if (!status) small_batch_matmul_f32(m->lm_head, n, NULL, logits, B, m->vocab, C, 0);

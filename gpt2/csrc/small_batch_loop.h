@@ -1,6 +1,8 @@
 /* The loop the small-batch matmul kernels share (small_batch_matmul_f32.c, small_batch_matmul_bf16.c): each source
- * defines `block` (the products of one block of W rows with one pass of input rows) for its element type T, then
- * instantiates SMALL_BATCH_KERNELS and calls SMALL_BATCH_DISPATCH.
+ * defines `block` (the products of one block of W rows with one pass of input rows) for its types (TW for W, TX for
+ * X, TB for b, TY for Y), then instantiates SMALL_BATCH_KERNELS and calls SMALL_BATCH_DISPATCH. X_STRIDE is the
+ * distance between input rows in X's elements: cols for rows of values, 1 for an array of row descriptors (the int8
+ * kernel's quantized rows).
  *
  * One kernel per block shape (SHAPE_1 .. SHAPE_MANY below): W_ROWS rows of W per block and PASS input rows per
  * pass, constants so that the accumulators are registers. m input rows take ceil(m / PASS) passes over each block,
@@ -9,8 +11,9 @@
 #pragma once
 #include "simd.h"
 
-#define SMALL_BATCH_KERNEL(T, ATTR, NAME, W_ROWS, PASS)                                                        \
-    static ATTR void NAME(const T *W, const T *X, const T *b, T *Y, long m, long rows, long cols, int gelu) {  \
+#define SMALL_BATCH_KERNEL(TW, TX, TB, TY, X_STRIDE, ATTR, NAME, W_ROWS, PASS)                                 \
+    static ATTR void NAME(const TW *W, const TX *X, const TB *b, TY *Y, long m, long rows, long cols,          \
+                          int gelu) {                                                                          \
         _Static_assert(W_ROWS <= VLANES, "a block's outputs of one input row fill at most one vector");        \
         const long blocks = (rows + W_ROWS - 1) / W_ROWS;                                                      \
         _Pragma("omp parallel for schedule(static)")                                                           \
@@ -18,11 +21,12 @@
             const long r = blk * W_ROWS, n_w = rows - r < W_ROWS ? rows - r : W_ROWS;                          \
             for (long j = 0; j < m; j += PASS) {                                                               \
                 const long n_x = m - j < PASS ? m - j : PASS;                                                  \
-                const T *bias = b ? b + r : 0;                                                                 \
+                const TB *bias = b ? b + r : 0;                                                                \
                 if (n_w == W_ROWS && n_x == PASS)                                                              \
-                    block(W + r * cols, X + j * cols, bias, Y + j * rows + r, W_ROWS, PASS, cols, rows, gelu); \
+                    block(W + r * cols, X + j * (X_STRIDE), bias, Y + j * rows + r, W_ROWS, PASS, cols, rows,  \
+                          gelu);                                                                               \
                 else                                                                                           \
-                    block(W + r * cols, X + j * cols, bias, Y + j * rows + r, n_w, n_x, cols, rows, gelu);     \
+                    block(W + r * cols, X + j * (X_STRIDE), bias, Y + j * rows + r, n_w, n_x, cols, rows, gelu); \
             }                                                                                                  \
         }                                                                                                      \
     }
@@ -68,12 +72,13 @@
 #define SHAPE_MANY DEFAULT_SHAPE_MANY
 #endif
 
-#define SMALL_BATCH_KERNEL_OF(T, ATTR, NAME, SHAPE) SMALL_BATCH_KERNEL(T, ATTR, NAME, SHAPE)
-#define SMALL_BATCH_KERNELS(T, ATTR)                                                                           \
-    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_1, SHAPE_1)                                                          \
-    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_2, SHAPE_2)                                                          \
-    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_3, SHAPE_3)                                                          \
-    SMALL_BATCH_KERNEL_OF(T, ATTR, matmul_many, SHAPE_MANY)
+#define SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, NAME, SHAPE)                                   \
+    SMALL_BATCH_KERNEL(TW, TX, TB, TY, X_STRIDE, ATTR, NAME, SHAPE)
+#define SMALL_BATCH_KERNELS(TW, TX, TB, TY, X_STRIDE, ATTR)                                                    \
+    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_1, SHAPE_1)                                   \
+    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_2, SHAPE_2)                                   \
+    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_3, SHAPE_3)                                   \
+    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_many, SHAPE_MANY)
 
 /* Runs the kernel for m input rows (1..SMALL_BATCH_MAX_ROWS, checked by the caller) and returns 0. */
 #define SMALL_BATCH_DISPATCH(W, X, b, Y, m, rows, cols, gelu)                                                  \

@@ -43,7 +43,7 @@ static inline BF16_TARGET __attribute__((always_inline)) void block(const uint16
     }
 }
 
-SMALL_BATCH_KERNELS(uint16_t, BF16_TARGET)
+SMALL_BATCH_KERNELS(uint16_t, uint16_t, uint16_t, uint16_t, cols, BF16_TARGET)
 #endif
 
 int small_batch_matmul_bf16(const uint16_t *W, const uint16_t *X, const uint16_t *b, uint16_t *Y, long m, long rows,

@@ -48,7 +48,7 @@ static inline __attribute__((always_inline)) void block(const float *w, const fl
     }
 }
 
-SMALL_BATCH_KERNELS(float, )
+SMALL_BATCH_KERNELS(float, float, float, float, cols, )
 
 int small_batch_matmul_f32(const float *W, const float *X, const float *b, float *Y, long m, long rows, long cols,
                            int gelu) {
