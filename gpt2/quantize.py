@@ -18,6 +18,14 @@ so there they get 7 bits (`reduce_range`). The error against fp32 is printed by
 All rows of one call share an activation scale (every token of a prefill, every row of a batched step),
 so a real checkpoint whose activations have outlier tokens may lose more there than measured here;
 bf16 (`gpt2.packed_linear`) has no such risk.
+
+Where the CPU has avx512_vnni and the C kernels are built, a generation's decode steps run whole in one C call
+instead (`gpt2.cpu_decode_step`, csrc/decode_step_int8.c), whose matmuls read a plain copy of the int8 weights kept
+beside fbgemm's packed ones (so the int8 linears take twice their int8 size: half the fp32 weights' memory, not a
+quarter) and quantize each input row on its own, by fbgemm's rule: a one-row step's logits are the forward's, a
+batched step's rows each get their own scale (DialoGPT-small's shape, 4 rows: 3.10% against fbgemm's 3.13% relative
+RMS error against fp32). On an Intel Xeon, 2 threads, the step against the forward through fbgemm: small batch 1
+5.97 / 9.14 ms, batch 8 8.61 / 14.64, medium batch 1 15.73 / 23.91.
 """
 
 from __future__ import annotations
@@ -92,7 +100,8 @@ def quantize_int8(model: GPT2) -> GPT2:
     """Quantize model's block linears and lm_head to int8 in place (CPU, fp32 model); returns model.
 
     The fp32 block weights are released; the embedding keeps its fp32 table for the lookup, so the
-    model holds about a quarter of its fp32 linear weights plus the fp32 embeddings.
+    model holds about a quarter of its fp32 linear weights (half where the C decode step runs: see the module
+    docstring) plus the fp32 embeddings.
     """
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ValueError(f"quantize_int8 needs an fp32 model on the CPU, got {model.dtype} on {model.device}")

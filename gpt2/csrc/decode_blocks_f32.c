@@ -4,7 +4,8 @@
  *
  * Per block: qkv = n W_attn^T + b; each row's new key and value go to its cache slot; each head's query attends
  * over the row's cached keys; h += proj(attention); n = ln_2(h); h += proj(gelu_new(fc(n))); n = next_ln(h),
- * where next_ln is the next block's ln_1, or ln_f after the last. h and n are updated in place.
+ * where next_ln is the next block's ln_1, or ln_f after the last. h and n are updated in place. The parts between
+ * the matmuls (decode_ops_f32.h) serve the int8 step too (decode_step_int8.c).
  */
 #include <math.h>
 #include <stdlib.h>
