@@ -100,13 +100,13 @@ void embed_f32(const float *wte, const float *wpe, const float *ln_w, const floa
 
 /* One decode step of B rows, token ids to logits: h = wte[tokens[b]] + wpe[slot[b]], n = ln_1(h), every block (see
  * decode_blocks_f32: each row's new key and value go to slot[b], its query attends keys [0, slot[b]]), then logits
- * (B, vocab) = ln_f(h) lm_head^T. Returns 0; -3 for a token outside [0, vocab) or a slot outside
- * [0, min(n_positions, max_len)) (nothing done); else decode_blocks_f32's status. */
+ * (B, vocab) = ln_f(h) lm_head^T. Returns 0; step_refusal's status for what it does not take (decode_weights.h:
+ * nothing done); else decode_blocks_f32's status. */
 int decode_step_f32(const model_weights *m, const long *tokens, long B, float *k_cache, float *v_cache, long max_len,
                     const int *slot, float *logits) {
     const long C = m->C;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16) return -1;
-    if (!step_inputs_valid(tokens, slot, B, m->vocab, m->n_positions, max_len)) return -3;
+    const int refusal = step_refusal(C, m->H, 16, tokens, slot, B, m->vocab, m->n_positions, max_len);
+    if (refusal) return refusal;
     int kv_len[SMALL_BATCH_MAX_ROWS];
     float *h = malloc(sizeof(float) * 2 * B * C); /* h (B, C), then n (B, C) */
     if (!h) return -2;

@@ -144,20 +144,6 @@ static BF16_TARGET int decode_step(const model_weights_bf16 *m, const long *toke
 
 /* One decode step of B rows of a bf16 model, token ids to logits (B, vocab): h = wte[tokens[b]] + wpe[slot[b]],
  * n = ln_1(h), every block (each row's new key and value written at slot[b], its query attending keys [0, slot[b]]),
- * then logits = ln_f(h) lm_head^T. Returns 0; -3 for a token outside [0, vocab) or a slot outside
- * [0, min(n_positions, max_len)) (nothing done); -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C not a multiple of 32,
- * a head_dim not a multiple of 16 or over ATTENTION_MAX_HEAD_DIM, or a build without AVX-512 (nothing done); -2 when
- * out of memory. */
-int decode_step_bf16(const model_weights_bf16 *m, const long *tokens, long B, uint16_t *k_cache, uint16_t *v_cache,
-                     long max_len, const int *slot, uint16_t *logits) {
-    const long C = m->C, D = m->H ? C / m->H : 0;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 32 || D % 16 || D * m->H != C || D > ATTENTION_MAX_HEAD_DIM)
-        return -1;
-    if (!step_inputs_valid(tokens, slot, B, m->vocab, m->n_positions, max_len)) return -3;
-#if VLANES == 16
-    return decode_step(m, tokens, B, k_cache, v_cache, max_len, slot, logits);
-#else
-    (void)k_cache, (void)v_cache, (void)logits;
-    return -1;
-#endif
-}
+ * then logits = ln_f(h) lm_head^T; n_embd a multiple of 32. Returns 0; -2 when out of memory; else as
+ * DECODE_STEP_ENTRY (a token or slot outside its range, a shape it does not take, a build without AVX-512). */
+DECODE_STEP_ENTRY(decode_step_bf16, decode_step, model_weights_bf16, uint16_t, 32)

@@ -42,20 +42,6 @@ static int decode_step(const model_weights_int8 *m, const long *tokens, long B, 
 }
 #endif
 
-/* One decode step of B rows of an int8 model, token ids to logits (B, vocab), as decode_step_f32. Returns 0; -3 for
- * a token outside [0, vocab) or a slot outside [0, min(n_positions, max_len)) (nothing done); -1 for B outside
- * 1..SMALL_BATCH_MAX_ROWS, C not a multiple of 64, a head_dim not a multiple of 16 or over ATTENTION_MAX_HEAD_DIM, or
- * a build without AVX-512 (nothing done); -2 when out of memory. */
-int decode_step_int8(const model_weights_int8 *m, const long *tokens, long B, float *k_cache, float *v_cache,
-                     long max_len, const int *slot, float *logits) {
-    const long C = m->C, D = m->H ? C / m->H : 0;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 64 || D % 16 || D * m->H != C || D > ATTENTION_MAX_HEAD_DIM)
-        return -1;
-    if (!step_inputs_valid(tokens, slot, B, m->vocab, m->n_positions, max_len)) return -3;
-#if VLANES == 16
-    return decode_step(m, tokens, B, k_cache, v_cache, max_len, slot, logits);
-#else
-    (void)k_cache, (void)v_cache, (void)logits;
-    return -1;
-#endif
-}
+/* One decode step of B rows of an int8 model, token ids to logits (B, vocab), as decode_step_f32, its n_embd a multiple
+ * of 64; -1 in a build without AVX-512 (see DECODE_STEP_ENTRY). */
+DECODE_STEP_ENTRY(decode_step_int8, decode_step, model_weights_int8, float, 64)

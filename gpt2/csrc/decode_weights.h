@@ -1,11 +1,14 @@
 /* The weight tables of the decode-step kernels (decode_blocks_f32.c in fp32, decode_step_bf16.c in bf16,
  * decode_step_int8.c with int8 linears), laid out as gpt2/decode_blocks.py's BlockWeights and gpt2/cpu_decode_step.py's
  * ModelWeights: each weight row-major as in nn.Linear ([out, in]) and nn.LayerNorm; and the check of a step's inputs
- * that they all make. */
+ * that they all make, with the exported entry of the steps written for AVX-512. */
 #pragma once
 #include <stdint.h>
 
+#include "attention_f32.h"
 #include "int8.h"
+#include "simd.h"
+#include "small_batch_matmul.h"
 
 /* One block's parameters: its linears' weights (TW) and biases (TB: for int8 linears, each row's scale, bias and
  * sum, int8.h's int8_row), its LayerNorms' (TN); next_ln is the next block's ln_1, or ln_f after the last. */
@@ -43,11 +46,32 @@ typedef MODEL_WEIGHTS(float, float, float, block_weights) model_weights;
 typedef MODEL_WEIGHTS(uint16_t, uint16_t, uint16_t, block_weights_bf16) model_weights_bf16;
 typedef MODEL_WEIGHTS(float, int8_t, int8_row, block_weights_int8) model_weights_int8;
 
-/* Every row's token inside [0, vocab) and slot inside [0, min(n_positions, max_len)). */
-static inline int step_inputs_valid(const long *tokens, const int *slot, long B, long vocab, long n_positions,
-                                    long max_len) {
+/* Whether a step kernel takes these inputs: 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C not a multiple of
+ * c_multiple, or a head_dim (C / H) not a multiple of 16 or over ATTENTION_MAX_HEAD_DIM; -3 for a row's token outside
+ * [0, vocab) or its slot outside [0, min(n_positions, max_len)). */
+static inline int step_refusal(long C, long H, long c_multiple, const long *tokens, const int *slot, long B, long vocab,
+                               long n_positions, long max_len) {
+    const long D = H ? C / H : 0;
+    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % c_multiple || D % 16 || D * H != C || D > ATTENTION_MAX_HEAD_DIM)
+        return -1;
     for (long b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= vocab || slot[b] < 0 || slot[b] >= n_positions || slot[b] >= max_len)
-            return 0;
-    return 1;
+            return -3;
+    return 0;
 }
+
+/* Defines NAME(m, tokens, B, k_cache, v_cache, max_len, slot, logits), the exported step of a kernel written for
+ * AVX-512 (STEP: a static function of the same arguments, defined in AVX-512 builds only), of a model (MODEL) whose
+ * cache and logits are T and whose n_embd is a multiple of C_MULTIPLE: it returns step_refusal's status for what STEP
+ * does not take (nothing done), else STEP's; -1 in a build without AVX-512 (nothing done). */
+#define DECODE_STEP_ENTRY(NAME, STEP, MODEL, T, C_MULTIPLE)                                                    \
+    int NAME(const MODEL *m, const long *tokens, long B, T *k_cache, T *v_cache, long max_len, const int *slot, \
+             T *logits) {                                                                                      \
+        const int refusal = step_refusal(m->C, m->H, C_MULTIPLE, tokens, slot, B, m->vocab, m->n_positions, max_len); \
+        return refusal ? refusal : AVX512_ONLY(STEP(m, tokens, B, k_cache, v_cache, max_len, slot, logits));    \
+    }
+#if VLANES == 16
+#define AVX512_ONLY(call) call
+#else
+#define AVX512_ONLY(call) ((void)k_cache, (void)v_cache, (void)logits, -1)
+#endif
