@@ -76,8 +76,8 @@ int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float
         const block_weights *w = blocks + layer;
         const long cache_offset = layer * B * H * max_len * D;
         small_batch_matmul_f32(w->attn_w, n, w->attn_b, qkv, B, 3 * C, C, 0);
-        status = cached_attention_f32(qkv, k_cache + cache_offset, v_cache + cache_offset, slot, kv_len, attn, B, H, D,
-                                  max_len);
+        status = cached_attention_f32(qkv, k_cache + cache_offset, v_cache + cache_offset, slot, kv_len, attn, B, H,
+                                      D, max_len);
         if (status) break; /* out of memory: h and n are left part-way, the caller raises */
         small_batch_matmul_f32(w->attn_proj_w, attn, w->attn_proj_b, proj, B, C, C, 0);
         add_layer_norm_f32(h, proj, w->ln_2_w, w->ln_2_b, n, B, C, eps);
