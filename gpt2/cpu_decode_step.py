@@ -31,17 +31,19 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from . import cpu_kernels, decode_blocks
+from . import cpu_kernels, decode_blocks, small_batch_matmul
 from .kv_cache import KVCache
 from .quantize import Int8Linear
 
 if TYPE_CHECKING:
     from .model import GPT2
 
-INT8_VECTOR = 64  # the int8 step reads n_embd in 64-byte vectors of int8
+LM_HEAD_BIAS = 5  # the lm_head's bias in a step's tensors (see `_plan`), the one that may be None; the blocks' follow
+
 
 class ModelWeights(ctypes.Structure):
-    """The model's parameters for a whole step (`model_weights` in decode_blocks_f32.c, `model_weights_bf16`)."""
+    """The model's parameters for a whole step (`model_weights` in decode_blocks_f32.c, `model_weights_bf16`,
+    `model_weights_int8`: csrc/decode_weights.h)."""
 
     _fields_ = [("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p), ("ln_1_w", ctypes.c_void_p),
                 ("ln_1_b", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("lm_head_b", ctypes.c_void_p),
@@ -74,8 +76,8 @@ def _plan(model: GPT2) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set
     dtype = model.dtype
     if isinstance(model.lm_head, Int8Linear):  # an int8 model (`gpt2.quantize`): int8 linears, fp32 otherwise
         lm_head, blocks = int8_tensors(model.lm_head), decode_blocks.block_tensors(model, int8_tensors)
-        if (not cpu_kernels.int8_available() or model.config.n_embd % INT8_VECTOR or lm_head is None
-                or blocks is None):
+        if (not cpu_kernels.int8_available() or model.config.n_embd % small_batch_matmul.VECTOR_BYTES  # of int8
+                or lm_head is None or blocks is None):
             return None
         return cpu_kernels.library().decode_step_int8, [*head, *lm_head, *blocks], {torch.float32, torch.int8}
     if dtype == torch.float32 and cpu_kernels.library() is not None:
@@ -106,9 +108,10 @@ class CpuDecodeStep:
         present = [t for t in tensors if t is not None]
         self._storages = [t.untyped_storage() for t in present]  # kept alive while the kernel reads them
         pointers = [0 if t is None else t.data_ptr() for t in tensors]
-        self._blocks = decode_blocks.weights_table(pointers[6:])
-        self.weights = ModelWeights(*pointers[:6], ctypes.addressof(self._blocks), config.n_layer, config.vocab_size,
-                                    config.n_positions, config.n_embd, config.n_head, config.layer_norm_epsilon)
+        self._blocks = decode_blocks.weights_table(pointers[LM_HEAD_BIAS + 1:])
+        self.weights = ModelWeights(*pointers[:LM_HEAD_BIAS + 1], ctypes.addressof(self._blocks), config.n_layer,
+                                    config.vocab_size, config.n_positions, config.n_embd, config.n_head,
+                                    config.layer_norm_epsilon)
         self.slots = (ctypes.c_int * cache.batch_size)()  # each row's new token's slot (= position)
         self.vocab_size = config.vocab_size
         self.dtype = model.dtype
@@ -125,9 +128,9 @@ class CpuDecodeStep:
             return None
         kernel, tensors, dtypes = plan
         grad = torch.is_grad_enabled()
-        if tensors[4] is None or not all(
-                isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
-                and not (grad and t.requires_grad) for i, t in enumerate(tensors) if not (i == 5 and t is None)):
+        if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
+                   and not (grad and t.requires_grad)
+                   for i, t in enumerate(tensors) if not (i == LM_HEAD_BIAS and t is None)):  # None: no bias
             return None
         return cls(model, cache, kernel, tensors)
 

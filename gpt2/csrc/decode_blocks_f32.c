@@ -66,8 +66,8 @@ int cached_attention_f32(const float *qkv, float *k, float *v, const int *slot, 
  * (nothing done); -2 when out of memory. */
 int decode_blocks_f32(const block_weights *blocks, long n_layer, float *h, float *n, long B, long C, long H,
                       float *k_cache, float *v_cache, long max_len, const int *slot, const int *kv_len, float eps) {
+    if (!step_shape_taken(B, C, H, 16)) return -1;
     const long D = C / H;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % 16 || D % 16 || D * H != C || D > ATTENTION_MAX_HEAD_DIM) return -1;
     float *qkv = malloc(sizeof(float) * B * 9 * C); /* qkv (B, 3C), then attention and projection (B, C), fc (B, 4C) */
     if (!qkv) return -2;
     float *attn = qkv + B * 3 * C, *proj = attn + B * C, *fc = proj + B * C;

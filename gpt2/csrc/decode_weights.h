@@ -46,14 +46,19 @@ typedef MODEL_WEIGHTS(float, float, float, block_weights) model_weights;
 typedef MODEL_WEIGHTS(uint16_t, uint16_t, uint16_t, block_weights_bf16) model_weights_bf16;
 typedef MODEL_WEIGHTS(float, int8_t, int8_row, block_weights_int8) model_weights_int8;
 
-/* Whether a step kernel takes these inputs: 0; -1 for B outside 1..SMALL_BATCH_MAX_ROWS, C not a multiple of
- * c_multiple, or a head_dim (C / H) not a multiple of 16 or over ATTENTION_MAX_HEAD_DIM; -3 for a row's token outside
+/* Whether the decode kernels take B rows of n_embd C in H heads: not B outside 1..SMALL_BATCH_MAX_ROWS, C not a
+ * multiple of c_multiple, or a head_dim (C / H) not a multiple of 16 or over ATTENTION_MAX_HEAD_DIM. */
+static inline int step_shape_taken(long B, long C, long H, long c_multiple) {
+    const long D = H ? C / H : 0;
+    return B >= 1 && B <= SMALL_BATCH_MAX_ROWS && C % c_multiple == 0 && D % 16 == 0 && D * H == C
+           && D <= ATTENTION_MAX_HEAD_DIM;
+}
+
+/* Whether a step kernel takes these inputs: 0; -1 for a shape step_shape_taken refuses; -3 for a row's token outside
  * [0, vocab) or its slot outside [0, min(n_positions, max_len)). */
 static inline int step_refusal(long C, long H, long c_multiple, const long *tokens, const int *slot, long B, long vocab,
                                long n_positions, long max_len) {
-    const long D = H ? C / H : 0;
-    if (B < 1 || B > SMALL_BATCH_MAX_ROWS || C % c_multiple || D % 16 || D * H != C || D > ATTENTION_MAX_HEAD_DIM)
-        return -1;
+    if (!step_shape_taken(B, C, H, c_multiple)) return -1;
     for (long b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= vocab || slot[b] < 0 || slot[b] >= n_positions || slot[b] >= max_len)
             return -3;
