@@ -171,7 +171,8 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
     bar.set_postfix_str(f"{size}: weight-streaming bound")
     if not args.smoke:
         wait_for_quiet()
-    probe = BoundProbe(config)  # sampled again before every engine's timed decode in every batch below
+    # sampled again before every engine's timed decode in every batch below, sustained over as many calls as steps
+    probe = BoundProbe(config, sustained_calls=args.new_tokens - 1)
     result["runs"] = []
     for batch in args.batch:
         batch_engines = list(engines)
@@ -225,7 +226,9 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
             "samples_s": {"one_token": t.one, "all_tokens": t.full},
             "steal_s": {"one_token": t.one_steal, "all_tokens": t.full_steal},
             "bound_before_ms": t.bound_ms, "decode_to_bound_by_repeat": t.decode_to_bound_by_repeat(),
-            "decode_to_bound": t.decode_to_bound,
+            "decode_to_bound": t.decode_to_bound, "sustained_bound_before_ms": t.sustained_bound_ms,
+            "decode_to_sustained_bound_by_repeat": t.decode_to_sustained_bound_by_repeat(),
+            "decode_to_sustained_bound": t.decode_to_sustained_bound,
         }
         if engine.name != BASELINE and BASELINE in timings:
             engines_out[engine.name]["prefill_speedup_by_repeat"] = paired_prefill_ratios(timings[BASELINE], t)
@@ -237,15 +240,16 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
 # --- report ------------------------------------------------------------------------------------------------
 
 def table(results: dict) -> str:
-    header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "peak mem MB",
-              "agreement"]
+    header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "x sustained",
+              "peak mem MB", "agreement"]
     rows = []
     for size, res in results["sizes"].items():
         for run in res["runs"]:
             for name, e in run["engines"].items():
                 ratio = f"{e['decode_to_bound']:.2f}" if run["batch"] == 1 else ""
+                sustained = f"{e['decode_to_sustained_bound']:.2f}" if run["batch"] == 1 else ""
                 rows.append([size, run["batch"], name, f"{e['prefill_ms']:.1f}", f"{e['decode_ms']:.2f}",
-                             f"{e['tokens_per_s']:.1f}", ratio, f"{e['peak_rss_growth_mb']:.0f}",
+                             f"{e['tokens_per_s']:.1f}", ratio, sustained, f"{e['peak_rss_growth_mb']:.0f}",
                              f"{e['agreement']:.2f}"])
     return format_table(header, rows)
 
@@ -259,7 +263,9 @@ def summary_lines(results: dict) -> list[str]:
                      f"weights through the fastest GEMV kernel, median of {len(b['samples_ms'])} samples (one at "
                      f"set-up, one just before each timed decode; range {min(b['samples_ms']):.1f}-"
                      f"{max(b['samples_ms']):.1f} ms; fastest: {kernels}; a plain max-reduction over them: "
-                     f"{b['read_ms']:.1f} ms)")
+                     f"{b['read_ms']:.1f} ms); sustained: {b['sustained_ms']:.1f} ms, the median of each sample's "
+                     f"fastest kernel's mean over {results['new_tokens'] - 1} calls in a row (range "
+                     f"{min(b['sustained_samples_ms']):.1f}-{max(b['sustained_samples_ms']):.1f} ms)")
         for name, q in res.get("logit_error", {}).items():
             lines.append(f"{size}: {name} logits vs this engine fp32: max |diff| {q['max_abs']:.4f} (logit std "
                          f"{q['logit_std']:.3f}), relative RMS {q['rel_rms']:.4f}, top-1 agreement "
@@ -269,9 +275,11 @@ def summary_lines(results: dict) -> list[str]:
             ours = run["engines"].get("this engine")
             if ours and run["batch"] == 1 and ours["decode_to_bound_by_repeat"]:
                 paired = ours["decode_to_bound_by_repeat"]
+                sustained = ours["decode_to_sustained_bound_by_repeat"]
                 lines.append(f"{size} batch 1, this engine's decode step over the bound sampled just before its "
                              f"generate: {ours['decode_to_bound']:.2f}x (median; each repeat "
-                             f"{', '.join(f'{r:.2f}' for r in paired)})")
+                             f"{', '.join(f'{r:.2f}' for r in paired)}); over the sustained bound "
+                             f"{ours['decode_to_sustained_bound']:.2f}x ({', '.join(f'{r:.2f}' for r in sustained)})")
             base = run["engines"].get(BASELINE)
             if ours and base and "prefill_speedup_by_repeat" in ours:
                 paired = ours["prefill_speedup_by_repeat"]
@@ -283,13 +291,14 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def headline(results: dict) -> str:
-    """Per engine: decode ms/step at batch 1 (x the bound) and at the largest batch, batch-1 prefill, per size."""
+    """Per engine: decode ms/step at batch 1 (x the bound, x the sustained bound) and at the largest batch, batch-1
+    prefill, per size."""
     sizes = list(results["sizes"])
     batches = sorted({run["batch"] for res in results["sizes"].values() for run in res["runs"]})
     big = batches[-1]
     header = ["engine"]
     for size in sizes:
-        header += [f"{size} decode b1 ms (x bound)", f"{size} decode b{big} ms", f"{size} prefill b1 ms"]
+        header += [f"{size} decode b1 ms (x bound / sustained)", f"{size} decode b{big} ms", f"{size} prefill b1 ms"]
     names = list(dict.fromkeys(name for res in results["sizes"].values() for run in res["runs"]
                                for name in run["engines"]))
     rows = []
@@ -299,16 +308,20 @@ def headline(results: dict) -> str:
             res = results["sizes"][size]
             runs = {run["batch"]: run["engines"].get(name) for run in res["runs"]}
             one, many = runs.get(1), runs.get(big)
-            row += [f"{one['decode_ms']:.1f} ({one['decode_to_bound']:.2f})" if one else "",
+            row += [f"{one['decode_ms']:.1f} ({one['decode_to_bound']:.2f} / {one['decode_to_sustained_bound']:.2f})"
+                    if one else "",
                     f"{many['decode_ms']:.1f}" if many else "", f"{one['prefill_ms']:.0f}" if one else ""]
         rows.append(row)
-    bounds = ", ".join(f"{size} {res['bound']['gemv_ms']:.1f} ms" for size, res in results["sizes"].items())
+    bounds = ", ".join(f"{size} {res['bound']['gemv_ms']:.1f} ms (sustained {res['bound']['sustained_ms']:.1f})"
+                       for size, res in results["sizes"].items())
     m = results["machine"]
     return (format_table(header, rows) + f"\n\n{m['cpu']}, {results['threads']} threads, torch {m['torch']}; "
             f"prompt {results['prompt_len']} tokens, {results['new_tokens']} greedy tokens, median of "
             f"{results['repeats']} interleaved repeats; seeded random weights of the DialoGPT shapes; "
             f"x bound: the decode step over the weight-streaming bound (the fastest fp32 GEMV over the weights a "
-            f"decode step reads) sampled just before it, median over the repeats; the bound's median: {bounds}.")
+            f"decode step reads, fastest of 3) sampled just before it, median over the repeats; sustained: the same "
+            f"over that GEMV's mean over as many calls in a row as the decode has steps; the bounds' medians: "
+            f"{bounds}.")
 
 
 def markdown(results: dict, lines: list[str]) -> str:
@@ -346,9 +359,11 @@ def plot(results: dict, path: Path) -> None:
             ax.bar([s + (i - (len(names) - 1) / 2) * width for s in range(len(sizes))], values, width, label=name)
         if batch == 1:
             for s, size in enumerate(sizes):
-                bound = results["sizes"][size]["bound"]["gemv_ms"]
-                ax.hlines(bound, s - 0.45, s + 0.45, colors="black", linestyles="dashed",
+                bound = results["sizes"][size]["bound"]
+                ax.hlines(bound["gemv_ms"], s - 0.45, s + 0.45, colors="black", linestyles="dashed",
                           label="weight-streaming bound" if s == 0 else None)
+                ax.hlines(bound["sustained_ms"], s - 0.45, s + 0.45, colors="black", linestyles="dotted",
+                          label="weight-streaming bound, sustained" if s == 0 else None)
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_ylabel("decode ms / step (lower is better)")
         ax.set_title(f"batch {batch}")
@@ -387,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
              f"of {args.repeats} interleaved repeats ({args.prefill_samples} prefills per engine in each); agreement: "
              f"share of tokens matching {REFERENCE} (sdpa in "
              "--smoke) before a row's first divergence; x bound: batch-1 decode step / the weight-streaming bound "
-             "sampled just before its generate, median over the repeats; "
+             "sampled just before its generate, median over the repeats; x sustained: the same over the bound "
+             "sustained over as many GEMVs in a row as the decode has steps; "
              "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded); "
              "CTranslate2 runs in a worker process per compute type, timed through a pipe"]
     (args.out / "generation.json").write_text(json.dumps(results, indent=1))

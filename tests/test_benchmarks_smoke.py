@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import multiprocessing
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def test_bench_generation_smoke(tmp_path):
     assert ours["bound_before_ms"] == tiny["bound"]["samples_ms"][1:2]  # batch 1: the sample before its decode
     assert ours["decode_to_bound"] == ours["decode_to_bound_by_repeat"][0]
     assert ours["decode_to_bound"] == pytest.approx(ours["decode_ms"] / ours["bound_before_ms"][0])
+    assert len(tiny["bound"]["sustained_samples_ms"]) == len(tiny["bound"]["samples_ms"])  # each sample sustained too
+    assert ours["sustained_bound_before_ms"] == tiny["bound"]["sustained_samples_ms"][1:2]
+    assert ours["decode_to_sustained_bound"] == pytest.approx(ours["decode_ms"] / ours["sustained_bound_before_ms"][0])
     assert tiny["bound"]["gemv_ms"] > 0 and tiny["logit_error"]["this engine int8"]["rel_rms"] < 0.03
     if bf16_packing_available():
         assert tiny["logit_error"]["this engine bf16"]["rel_rms"] < 0.03
@@ -91,6 +95,10 @@ def test_decode_to_bound_pairs_each_repeat_with_the_bound_sampled_before_it():
     assert t.decode_to_bound_by_repeat() == pytest.approx([decode[0] / 9.0, decode[1] / 18.0])
     assert t.decode_to_bound == pytest.approx((decode[0] / 9.0 + decode[1] / 18.0) / 2)
     assert Timing(batch=1, n_new=5, one=[0.01], full=[0.05]).decode_to_bound is None
+    t.sustained_bound_ms = [10.0, 20.0]
+    assert t.decode_to_sustained_bound_by_repeat() == pytest.approx([decode[0] / 10.0, decode[1] / 20.0])
+    assert t.decode_to_bound_by_repeat() == pytest.approx([decode[0] / 9.0, decode[1] / 18.0])  # each its own
+    assert Timing(batch=1, n_new=5, one=[0.01], full=[0.05]).decode_to_sustained_bound is None
 
 
 def test_measure_samples_the_bound_just_before_each_decode():
@@ -99,16 +107,19 @@ def test_measure_samples_the_bound_just_before_each_decode():
     class FakeProbe:
         def __init__(self) -> None:
             self.samples_ms: list[float] = []
+            self.sustained_samples_ms: list[float] = []
 
         def sample(self) -> None:
             events.append("bound")
             self.samples_ms.append(float(len(events)))
+            self.sustained_samples_ms.append(float(len(events)) + 0.5)
 
     engines = [Engine(name, lambda prompts, n, name=name: events.append(f"{name}:{n}") or [[0] * n for _ in prompts])
                for name in ("a", "b")]
     timings = measure(engines, [[1, 2]], n_new=3, repeats=2, bound=FakeProbe())
     assert events == ["a:1", "bound", "a:3", "b:1", "bound", "b:3"] * 2
     assert timings["a"].bound_ms == [2.0, 8.0] and timings["b"].bound_ms == [5.0, 11.0]
+    assert timings["a"].sustained_bound_ms == [2.5, 8.5] and timings["b"].sustained_bound_ms == [5.5, 11.5]
 
 
 def test_bound_probe_keeps_the_fastest_kernel_of_each_sample():
@@ -202,3 +213,25 @@ def test_bench_kernels_smoke():
 def test_gpt2_bench_on_cuda_without_a_gpu_says_so(capsys):
     assert main(["bench", "--device", "cuda", "--sizes", "tiny"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bound_probe_sustains_each_samples_fastest_kernel():
+    """The sustained sample times the sample's fastest kernel sustained_calls times in a row, and only that one."""
+    probe = BoundProbe(SIZES["tiny"], repeats=1, sustained_calls=4)
+    assert len(probe.sustained_samples_ms) == 1
+    calls = {"slow": 0, "fast": 0}
+
+    def kernel(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    probe.kernels = {"slow": kernel("slow", 0.02), "fast": kernel("fast", 0.002)}
+    probe.sample(repeats=1)
+    assert calls == {"slow": 2, "fast": 2 + 4}  # a warm-up and one timed call each, then the fast one 4 times
+    assert 2.0 <= probe.sustained_samples_ms[-1] < 20.0
+    result = probe.result()
+    assert result.sustained_samples_ms == probe.sustained_samples_ms
+    assert result.sustained_ms == statistics.median(probe.sustained_samples_ms)
+    assert BoundProbe(SIZES["tiny"], repeats=1).result().sustained_ms is None  # not asked for
