@@ -94,8 +94,7 @@ class Timing:
     @property
     def decode_to_bound(self) -> float | None:
         """The median of `decode_to_bound_by_repeat`; None where no bound was sampled."""
-        ratios = self.decode_to_bound_by_repeat()
-        return statistics.median(ratios) if ratios else None
+        return _median_or_none(self.decode_to_bound_by_repeat())
 
     def decode_to_sustained_bound_by_repeat(self) -> list[float]:
         """As `decode_to_bound_by_repeat`, over the sustained bound sampled just before each generate."""
@@ -104,8 +103,11 @@ class Timing:
     @property
     def decode_to_sustained_bound(self) -> float | None:
         """The median of `decode_to_sustained_bound_by_repeat`; None where no sustained bound was sampled."""
-        ratios = self.decode_to_sustained_bound_by_repeat()
-        return statistics.median(ratios) if ratios else None
+        return _median_or_none(self.decode_to_sustained_bound_by_repeat())
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def paired_prefill_ratios(baseline: Timing, timing: Timing) -> list[float]:
@@ -368,10 +370,9 @@ class BoundProbe:
 
     def result(self) -> StreamingBound:
         kernel = statistics.mode(self.sample_kernels)
-        sustained = statistics.median(self.sustained_samples_ms) if self.sustained_samples_ms else None
         return StreamingBound(self.n_bytes, statistics.median(self.samples_ms), kernel, self.read_ms,
-                              list(self.samples_ms), list(self.sample_kernels), sustained,
-                              list(self.sustained_samples_ms))
+                              list(self.samples_ms), list(self.sample_kernels),
+                              _median_or_none(self.sustained_samples_ms), list(self.sustained_samples_ms))
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import statistics
 import multiprocessing
+import statistics
 import subprocess
 import sys
 import time
