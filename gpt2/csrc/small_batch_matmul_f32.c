@@ -2,10 +2,10 @@
  *
  * X is (m, cols), W (rows, cols), Y (m, rows), all row-major; cols a multiple of 16; b may be NULL. Such a
  * matmul streams W once and is bound by memory, so the threads (OpenMP, the same runtime as torch's) split
- * W's rows, and each walks a block of W rows at once (many sequential streams in flight) with one vector
- * accumulator (simd.h) per (input row, W row), summed once at the end. From 4 input rows on, a block of W is
- * read from memory once and from L1 again for each further pass of input rows, so the accumulators stay in
- * registers. The loop over blocks and passes, and the block sizes, are small_batch_loop.h's.
+ * W's rows, and each walks its blocks of W rows (with AVX-512, one W row for one input row: a sequential stream)
+ * with one vector accumulator (simd.h) per (input row, W row), summed once at the end. From 4 input rows on, a
+ * block of W is read from memory once and from L1 again for each further pass of input rows, so the accumulators
+ * stay in registers. The loop over blocks and passes, and the block sizes, are small_batch_loop.h's.
  */
 #include "simd_math.h"
 #include "small_batch_loop.h"
