@@ -7,7 +7,12 @@
  * One kernel per block shape (SHAPE_1 .. SHAPE_MANY below): W_ROWS rows of W per block and PASS input rows per
  * pass, constants so that the accumulators are registers. m input rows take ceil(m / PASS) passes over each block,
  * the last one of fewer rows when PASS does not divide m; a partial block (the last rows of W) takes the same loop.
- * The threads (OpenMP, the same runtime as torch's) split the blocks, each thread a contiguous run of them. */
+ * The threads (OpenMP, the same runtime as torch's) split the blocks in contiguous runs, each next run a share of the
+ * blocks left (schedule(guided): half the blocks, then a quarter, ...), so that the two finish together where one
+ * runs slower. A static split into halves waited for the slower one at every matmul: on an AMD EPYC (Zen 4), a
+ * plain read of 494 MB split in halves, the master thread finished 5-7% after the other (median of 15), 2-4% with
+ * guided runs; paired against the static split, median of 21-81, the whole decode step took 0.915 / 0.945 of its
+ * time (fp32 small, batch 1), 0.930 (medium), 0.974 at batch 2 and 8, bf16 0.974, int8 0.974, the same logits. */
 #pragma once
 #include "simd.h"
 
@@ -16,7 +21,7 @@
                           int gelu) {                                                                          \
         _Static_assert(W_ROWS <= VLANES, "a block's outputs of one input row fill at most one vector");        \
         const long blocks = (rows + W_ROWS - 1) / W_ROWS;                                                      \
-        _Pragma("omp parallel for schedule(static)")                                                           \
+        _Pragma("omp parallel for schedule(guided)")                                                           \
         for (long blk = 0; blk < blocks; blk++) {                                                              \
             const long r = blk * W_ROWS, n_w = rows - r < W_ROWS ? rows - r : W_ROWS;                          \
             for (long j = 0; j < m; j += PASS) {                                                               \
@@ -54,6 +59,17 @@
  * less with 8 (median of 31-41 interleaved; one W row a block was not measured there); 2 and 8+ input rows kept
  * their shapes (B=8: 4 x 4 16.5 ms a step against 17.0-17.4 for 2 x 4, 3 x 4 and 8 x 2; B=2: 8 x 2 and 4 x 2
  * within the noise). */
+/* A block of one W row reads W as one sequential stream (its rows are contiguous), which `block` prefetches into L2
+ * this many bytes ahead, whatever the rows' length. A row ahead, DialoGPT's 3-12 KiB, was too far for the longer
+ * rows: on an AMD EPYC (Zen 4), 2 threads, a one-row matmul over 24 copies of a 768 x 3072 matrix (the MLP's c_proj
+ * of DialoGPT-small) read 50.7-53.7 GB/s prefetching 1-4 KiB ahead and 40.5 at 12 KiB; 3072 x 768: 56.2-57.1 at 1-3
+ * KiB, 52.6 at 4, 41.0 at 12 (one run's fastest of 14). The whole decode step against a row ahead, paired, median of
+ * 41-61: fp32 medium 0.894-0.914 of its time with 0.5-2 KiB (2 KiB: 0.899 and 0.928 in two runs), small 0.981 with
+ * 2 KiB, bf16 medium 0.962, the same logits. */
+#ifndef ONE_ROW_PREFETCH_BYTES
+#define ONE_ROW_PREFETCH_BYTES 2048
+#endif
+
 #if VLANES == 16
 #define DEFAULT_SHAPE_1 1, 1
 #define DEFAULT_SHAPE_2 8, 2

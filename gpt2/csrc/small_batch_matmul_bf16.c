@@ -5,7 +5,8 @@
  * products are avx512_bf16 dot products (pairs of bf16 multiplied exactly, summed into fp32); each output gets
  * the bias and gelu_new in fp32 and is rounded to bf16 once, to nearest even, as oneDNN's bf16 matmul does. The
  * loop is the fp32 kernel's (small_batch_matmul_f32.c): the threads split W's rows, each walks a block of W rows
- * at once with one accumulator per (input row, W row), and the next block is prefetched as this one streams.
+ * at once with one accumulator per (input row, W row), and the next block is prefetched as this one streams (a
+ * block of one W row: its stream, ONE_ROW_PREFETCH_BYTES ahead).
  * Only called where the CPU has avx512_bf16 (bf16.h).
  */
 #include "bf16.h"
@@ -22,7 +23,8 @@ static inline BF16_TARGET __attribute__((always_inline)) void block(const uint16
     for (long j = 0; j < n_w * n_x; j++) acc[j] = _mm512_setzero_ps();
     for (long k = 0; k < cols; k += 32) {
         __m512bh wk[16];
-        const uint16_t *next = w + n_w * cols + k * n_w; /* the next block, a line per W row per step */
+        const uint16_t *next = n_w == 1 ? w + k + ONE_ROW_PREFETCH_BYTES / sizeof(uint16_t) /* this stream */
+                                        : w + n_w * cols + k * n_w; /* the next block, a line per W row per step */
         for (long i = 0; i < n_w; i++) {
             _mm_prefetch((const char *)(next + i * 32), _MM_HINT_T2); /* 32 bf16: one line */
             wk[i] = (__m512bh)_mm512_loadu_si512(w + i * cols + k);

@@ -13,7 +13,8 @@
 
 /* While a block of W rows streams in, the next block (contiguous after it) is prefetched into L2 (_MM_HINT_T2), one
  * cache line per W row at each step, so the whole next block is requested by the time this one ends (past W's
- * end nothing faults). Each W row of a DialoGPT matrix is only 48-256 lines, too short a stream for the hardware
+ * end nothing faults); a block of one W row prefetches its stream ONE_ROW_PREFETCH_BYTES ahead (see
+ * small_batch_loop.h). Each W row of a DialoGPT matrix is only 48-256 lines, too short a stream for the hardware
  * prefetcher to run ahead of on its own. Every DialoGPT-small decode matmul in turn, 2 threads, Zen 4, median of 12
  * interleaved, against prefetching each row's stream 1 KiB ahead: 1 row 13.5 vs 16.1 ms, 2 rows 13.6 vs 15.7,
  * 4 rows 17.5 vs 21.9, 8 rows 18.3 vs 30.1, 16 rows 29.2 vs 45.1; medium 1 row 53.8 vs 54.9, 8 rows 60.2 vs 81.3,
@@ -27,7 +28,8 @@ static inline __attribute__((always_inline)) void block(const float *w, const fl
     for (long j = 0; j < n_w * n_x; j++) acc[j] = vzero();
     for (long k = 0; k < cols; k += VLANES) {
         vfloat wk[16];
-        const float *next = w + n_w * cols + k * n_w; /* the next block, n_w vectors further at each step */
+        const float *next = n_w == 1 ? w + k + ONE_ROW_PREFETCH_BYTES / sizeof(float) /* this stream, further on */
+                                     : w + n_w * cols + k * n_w; /* the next block, n_w vectors further at each step */
         for (long i = 0; i < n_w; i++) {
             if (VLANES == 16 || 2 * i < n_w) /* the lines of those n_w vectors: n_w of 16 floats, n_w / 2 of 8 */
                 _mm_prefetch((const char *)(next + i * 16), _MM_HINT_T2); /* 16 floats: one line */

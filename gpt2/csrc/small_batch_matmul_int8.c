@@ -85,10 +85,10 @@ static inline INT8_TARGET __attribute__((always_inline)) void block(const int8_t
     }
 }
 
-/* One input row takes 8 W rows a block, whatever SHAPE_1 is: a W row of int8 is a quarter of an fp32 one's bytes, so
- * a one-row block spends more of its time on its reduction and outputs. On the Intel Xeon (where fp32 takes 1 W row), the
- * int8 step with 1 / 4 / 8 / 16 W rows a block, median of 21 interleaved: small batch 1 4.38 / 3.18 / 3.01 / 3.05 ms,
- * medium 15.39 / - / 14.84 / 14.80. Zen 4 takes 16 (cpu_kernels.py's TUNED_FLAGS). */
+/* One input row takes 8 W rows a block, whatever SHAPE_1 is (fp32's and bf16's one W row with AVX-512): a W row of
+ * int8 is a quarter of an fp32 one's bytes, so a one-row block spends more of its time on its reduction and outputs.
+ * On an Intel Xeon, the int8 step with 1 / 4 / 8 / 16 W rows a block, median of 21 interleaved: small batch 1 4.38 /
+ * 3.18 / 3.01 / 3.05 ms, medium 15.39 / - / 14.84 / 14.80. Zen 4 takes 16 (cpu_kernels.py's TUNED_FLAGS). */
 #ifndef INT8_SHAPE_1
 #define INT8_SHAPE_1 8, 1
 #endif
