@@ -15,13 +15,15 @@ needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
 
 
 @needs_kernel
-@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (768, 3072), (5, 16), (17, 32), (33, 48)])
+@pytest.mark.parametrize("out_features, in_features",
+                         [(2304, 768), (768, 3072), (5, 16), (17, 32), (33, 48), (13, 2064)])
 @pytest.mark.parametrize("n_rows", range(1, small_batch_matmul.MAX_ROWS + 1))
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
 @torch.inference_mode()
 def test_matches_linear(out_features, in_features, n_rows, with_bias, gelu):
-    """Every row count the kernel has (each its own block shape), W row counts that leave partial blocks."""
+    """Every row count the kernel has (each its own block shape), W row counts that leave partial blocks; rows over
+    2048 columns (13 x 2064: a full block and a partial one) take the long-row shape at one input row."""
     check_matches_linear(small_batch_matmul, n_rows, out_features, in_features, with_bias, gelu)
 
 

@@ -52,8 +52,24 @@ static inline __attribute__((always_inline)) void block(const float *w, const fl
 
 SMALL_BATCH_KERNELS(float, float, float, float, cols, )
 
+/* One input row over rows longer than LONG_ROW_COLS (the MLP's c_proj, 3072-5120 columns) takes LONG_ROW_SHAPE_1's
+ * blocks, several W rows at once: one W row a block reads x once per W line, and an x of 12 KiB or more does not
+ * stay in L1 beside the W stream. On an AMD EPYC (Zen 4), 2 threads, paired against a 768-column matrix of the same
+ * bytes, median of 31: a one-row matmul over 1024 x 4096 took 1.15-1.85x its time with 1 W row a block, 0.96-0.99x
+ * with x held in a register instead (no loads of x), 1.06-1.21x with 4 W rows. The whole decode step against 1 W
+ * row for every matrix, paired: medium 0.947 / 0.948 of its time with 4 / 8 W rows (median of 41; 0.913 in a
+ * second run with 8), small 0.982 / 0.983 (61), the same logits; bf16's x is half the bytes, and its step was
+ * within the noise (1.006 / 0.993), so bf16 keeps SHAPE_1. */
+#define LONG_ROW_COLS 2048
+#define LONG_ROW_SHAPE_1 8, 1
+SMALL_BATCH_KERNEL_OF(float, float, float, float, cols, , matmul_1_long_rows, LONG_ROW_SHAPE_1)
+
 int small_batch_matmul_f32(const float *W, const float *X, const float *b, float *Y, long m, long rows, long cols,
                            int gelu) {
     if (m < 1 || m > SMALL_BATCH_MAX_ROWS) return -1;
+    if (m == 1 && cols > LONG_ROW_COLS) {
+        matmul_1_long_rows(W, X, b, Y, m, rows, cols, gelu);
+        return 0;
+    }
     SMALL_BATCH_DISPATCH(W, X, b, Y, m, rows, cols, gelu)
 }
