@@ -37,8 +37,8 @@
     }
 
 /* Block shapes (W rows per block, input rows per pass) for 1, 2, 3 and more input rows, measured fastest with 2
- * threads. With AVX-512: one W row a block for one input row, so that W is read as one sequential stream, the next
- * row prefetched a row ahead (the prefetch in each source's `block`); 8 W rows for two input rows, 4 above. From four
+ * threads. With AVX-512: one W row a block for one input row, so that W is read as one sequential stream
+ * (prefetched ONE_ROW_PREFETCH_BYTES ahead by each source's `block`); 8 W rows for two input rows, 4 above. From four
  * input rows on, a block of W is read from memory once and from L1 again for each further pass.
  * - Intel Xeon (AVX-512, AMX; 2 MiB L2 a core), a one-row matmul over one 494 MB matrix (DialoGPT-small's decode
  *   weights), median of 17 interleaved: 14.7 ms with 1 W row a block, 17.9 with 2, 18.0 with 4, 17.5 with 16 (MKL's

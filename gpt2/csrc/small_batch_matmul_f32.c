@@ -15,11 +15,13 @@
  * cache line per W row at each step, so the whole next block is requested by the time this one ends (past W's
  * end nothing faults); a block of one W row prefetches its stream ONE_ROW_PREFETCH_BYTES ahead (see
  * small_batch_loop.h). Each W row of a DialoGPT matrix is only 48-256 lines, too short a stream for the hardware
- * prefetcher to run ahead of on its own. Every DialoGPT-small decode matmul in turn, 2 threads, Zen 4, median of 12
- * interleaved, against prefetching each row's stream 1 KiB ahead: 1 row 13.5 vs 16.1 ms, 2 rows 13.6 vs 15.7,
- * 4 rows 17.5 vs 21.9, 8 rows 18.3 vs 30.1, 16 rows 29.2 vs 45.1; medium 1 row 53.8 vs 54.9, 8 rows 60.2 vs 81.3,
- * 16 rows 80.8 vs 113.0 (in a slow stretch of this machine). Whole fp32 decode steps, median of 27 interleaved:
- * small b1 21.0 vs 22.8 ms, b8 24.8 vs 35.7; medium b1 38.8 vs 43.0, b8 72.3 vs 96.0. */
+ * prefetcher to run ahead of on its own. The next block against each of the block's n_w rows prefetching its own
+ * stream 1 KiB ahead, measured before one-row blocks took their stream prefetch (whose measurement, against a row
+ * ahead, is in small_batch_loop.h): every DialoGPT-small decode matmul in turn, 2 threads, Zen 4, median of 12
+ * interleaved, 1 row 13.5 vs 16.1 ms, 2 rows 13.6 vs 15.7, 4 rows 17.5 vs 21.9, 8 rows 18.3 vs 30.1, 16 rows 29.2
+ * vs 45.1; medium 1 row 53.8 vs 54.9, 8 rows 60.2 vs 81.3, 16 rows 80.8 vs 113.0 (in a slow stretch of this
+ * machine). Whole fp32 decode steps, median of 27 interleaved: small b1 21.0 vs 22.8 ms, b8 24.8 vs 35.7; medium b1
+ * 38.8 vs 43.0, b8 72.3 vs 96.0. */
 
 /* Y[j, i] = X[j] . w[i] + b[i] for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
 static inline __attribute__((always_inline)) void block(const float *w, const float *X, const float *b, float *Y,
