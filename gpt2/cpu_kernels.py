@@ -29,10 +29,8 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
 # Block shapes measured faster on a CPU than csrc/small_batch_loop.h's and small_batch_matmul_int8.c's defaults, by
 # `cpu_kind()`: AMD's family 26 is Zen 5 (8 W rows a block for one input row, where Zen 4 and an Intel Xeon measured
-# one fastest: see small_batch_loop.h); family 25 is Zen 4, whose int8 step is 4-9% faster with 16 int8 W rows a
-# block than with 8 (one input row; the step alone, medians of 21-31 interleaved: small 5.45 / 5.96 ms, medium
-# 12.79 / 13.72).
-TUNED_FLAGS = {("AuthenticAMD", "26"): ["-DSHAPE_1=8,1"], ("AuthenticAMD", "25"): ["-DINT8_SHAPE_1=16,1"]}
+# one fastest: see small_batch_loop.h).
+TUNED_FLAGS = {("AuthenticAMD", "26"): ["-DSHAPE_1=8,1"]}
 LIBRARY_STEM = "cpu_kernels"
 
 

@@ -92,10 +92,10 @@ def test_instruction_set_follows_the_cpu_flags(fresh_build, monkeypatch):
 
 
 def test_block_shapes_follow_the_cpu(monkeypatch):
-    """Zen 5 (AMD family 26) and Zen 4 (family 25, int8 only) get their own one-row block shapes; another CPU (Intel
-    too: its one W row a block is the default) and an unreadable /proc/cpuinfo none."""
+    """Zen 5 (AMD family 26) gets its own one-row block shape; another CPU (Zen 4 and Intel too: their one W row a
+    block is the default) and an unreadable /proc/cpuinfo none."""
     for info, expected in [({"vendor_id": "AuthenticAMD", "cpu family": "26"}, ["-DSHAPE_1=8,1"]),
-                           ({"vendor_id": "AuthenticAMD", "cpu family": "25"}, ["-DINT8_SHAPE_1=16,1"]),
+                           ({"vendor_id": "AuthenticAMD", "cpu family": "25"}, []),
                            ({"vendor_id": "AuthenticAMD", "cpu family": "23"}, []),
                            ({"vendor_id": "GenuineIntel", "cpu family": "6"}, []), ({}, [])]:
         monkeypatch.setattr(cpu_kernels, "cpu_info", lambda info=info: info)

@@ -54,29 +54,71 @@ static INT8_TARGET void quantize_row(const float *x, long cols, uint8_t *q, quan
     row->q = q;
 }
 
-/* Y[j, i] = X[j] . w[i] dequantized, + bias, for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
+/* The lane sums of a[0..15] as one vector (lane i: a[i]'s sum), folding pairs of vectors together a level at a time:
+ * 46 shuffles and adds, where 16 reductions of one vector each take about 9 instructions. */
+static inline INT8_TARGET __attribute__((always_inline)) __m512i lane_sums_16(const __m512i *a) {
+    __m512i halves[8], quarters[4], eighths[2]; /* each: the partial sums of 2, 4, 8 of a's vectors */
+    for (int i = 0; i < 8; i++) /* 128-bit lanes 0-1: a[2i]'s low half + high half; 2-3: a[2i + 1]'s */
+        halves[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(a[2 * i], a[2 * i + 1], 0x44),
+                                     _mm512_shuffle_i32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* 128-bit lane l: a[4i + l]'s four partial sums */
+        quarters[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                       _mm512_shuffle_i32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        eighths[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(quarters[2 * i], quarters[2 * i + 1]),
+                                      _mm512_unpackhi_epi32(quarters[2 * i], quarters[2 * i + 1]));
+    /* lane 4l + e: the sum of a[4e + l] */
+    const __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(eighths[0], eighths[1]),
+                                          _mm512_unpackhi_epi64(eighths[0], eighths[1]));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
+}
+
+/* Y[j, i] = X[j] . w[i] dequantized, + bias, for i < n_w (W rows of this block), j < n_x (input rows of this pass).
+ * One input row reads the block's W rows one after the other (they are contiguous: one sequential stream, prefetched
+ * ONE_ROW_PREFETCH_BYTES ahead, as fp32's one-row blocks), each into one accumulator; more rows read them side by
+ * side, each W vector against every input row, while the next block is prefetched a line per W row at each step.
+ * The one-row order against side by side, on an AMD EPYC (Zen 4), the whole int8 decode step at batch 1, paired,
+ * median of 31: 0.857 of its time (small) and 0.863 (medium) with 16 W rows a block, 0.872 / 0.860 with 8, the
+ * same logits; then lane_sums_16 for the block's 16 sums 0.976 / 0.982; both together 0.839 / 0.840 (median of 41),
+ * at batch 5 (a one-row pass after the four-row one) 0.897. */
 static inline INT8_TARGET __attribute__((always_inline)) void block(const int8_t *w, const quantized_row *X,
                                                                    const int8_row *p, float *Y, long n_w, long n_x,
                                                                    long cols, long y_stride, int gelu) {
     __m512i acc[16];
-    for (long j = 0; j < n_w * n_x; j++) acc[j] = _mm512_setzero_si512();
-    for (long k = 0; k < cols; k += 64) {
-        __m512i wk[16];
-        const int8_t *next = w + n_w * cols + k * n_w; /* the next block, a line per W row per step */
+    if (n_x == 1) {
         for (long i = 0; i < n_w; i++) {
-            _mm_prefetch((const char *)(next + i * 64), _MM_HINT_T2); /* 64 int8: one line */
-            wk[i] = _mm512_loadu_si512(w + i * cols + k);
+            const int8_t *row = w + i * cols;
+            __m512i sum = _mm512_setzero_si512();
+            for (long k = 0; k < cols; k += 64) {
+                _mm_prefetch((const char *)(row + k + ONE_ROW_PREFETCH_BYTES), _MM_HINT_T2);
+                sum = _mm512_dpbusd_epi32(sum, _mm512_loadu_si512(X[0].q + k), _mm512_loadu_si512(row + k));
+            }
+            acc[i] = sum;
         }
-        for (long j = 0; j < n_x; j++) {
-            const __m512i xk = _mm512_loadu_si512(X[j].q + k);
-            for (long i = 0; i < n_w; i++) acc[j * n_w + i] = _mm512_dpbusd_epi32(acc[j * n_w + i], xk, wk[i]);
+    } else {
+        for (long j = 0; j < n_w * n_x; j++) acc[j] = _mm512_setzero_si512();
+        for (long k = 0; k < cols; k += 64) {
+            __m512i wk[16];
+            const int8_t *next = w + n_w * cols + k * n_w; /* the next block, a line per W row per step */
+            for (long i = 0; i < n_w; i++) {
+                _mm_prefetch((const char *)(next + i * 64), _MM_HINT_T2); /* 64 int8: one line */
+                wk[i] = _mm512_loadu_si512(w + i * cols + k);
+            }
+            for (long j = 0; j < n_x; j++) {
+                const __m512i xk = _mm512_loadu_si512(X[j].q + k);
+                for (long i = 0; i < n_w; i++) acc[j * n_w + i] = _mm512_dpbusd_epi32(acc[j * n_w + i], xk, wk[i]);
+            }
         }
     }
     const __mmask16 lanes = first_lanes(n_w);
     for (long j = 0; j < n_x; j++) {
+        int32_t sums[16];
+        if (n_w == 16) _mm512_storeu_si512(sums, lane_sums_16(acc + j * n_w));
+        else
+            for (long i = 0; i < n_w; i++) sums[i] = _mm512_reduce_add_epi32(acc[j * n_w + i]);
         float y[16];
         for (long i = 0; i < n_w; i++) {
-            const int32_t sum = _mm512_reduce_add_epi32(acc[j * n_w + i]) - X[j].zero_point * (int32_t)p[i].sum;
+            const int32_t sum = sums[i] - X[j].zero_point * (int32_t)p[i].sum;
             y[i] = (float)sum * (X[j].scale * p[i].scale) + p[i].bias;
         }
         __m512 v = _mm512_maskz_loadu_ps(lanes, y);
@@ -85,12 +127,14 @@ static inline INT8_TARGET __attribute__((always_inline)) void block(const int8_t
     }
 }
 
-/* One input row takes 8 W rows a block, whatever SHAPE_1 is (fp32's and bf16's one W row with AVX-512): a W row of
+/* One input row takes 16 W rows a block, whatever SHAPE_1 is (fp32's and bf16's one W row with AVX-512): a W row of
  * int8 is a quarter of an fp32 one's bytes, so a one-row block spends more of its time on its reduction and outputs.
- * On an Intel Xeon, the int8 step with 1 / 4 / 8 / 16 W rows a block, median of 21 interleaved: small batch 1 4.38 /
- * 3.18 / 3.01 / 3.05 ms, medium 15.39 / - / 14.84 / 14.80. Zen 4 takes 16 (cpu_kernels.py's TUNED_FLAGS). */
+ * Before the one-row order above, side by side: on an Intel Xeon, the int8 step with 1 / 4 / 8 / 16 W rows a block,
+ * median of 21 interleaved, small batch 1 4.38 / 3.18 / 3.01 / 3.05 ms, medium 15.39 / - / 14.84 / 14.80; on Zen 4
+ * the step 4-9% faster with 16 than with 8, paired; with the one-row order 16 and 8 were even there (above), and only
+ * 16 takes lane_sums_16. */
 #ifndef INT8_SHAPE_1
-#define INT8_SHAPE_1 8, 1
+#define INT8_SHAPE_1 16, 1
 #endif
 SMALL_BATCH_KERNELS_WITH(int8_t, quantized_row, int8_row, float, 1, INT8_TARGET, INT8_SHAPE_1)
 
