@@ -97,14 +97,15 @@
 /* SHAPE: W_ROWS, PASS, whether given as one macro or (already expanded) as two arguments */
 #define SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, NAME, ...)                                     \
     SMALL_BATCH_KERNEL(TW, TX, TB, TY, X_STRIDE, ATTR, NAME, __VA_ARGS__)
-/* The kernels with a one-input-row shape of their own (ONE_ROW_SHAPE: W_ROWS, PASS), and with SHAPE_1's. */
-#define SMALL_BATCH_KERNELS_WITH(TW, TX, TB, TY, X_STRIDE, ATTR, ...)                                          \
-    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_1, __VA_ARGS__)                               \
+/* The kernels with shapes of their own for one input row and for four or more (ONE_ROW, MANY: each a macro of
+ * W_ROWS, PASS), and SHAPE_2's and SHAPE_3's. */
+#define SMALL_BATCH_KERNELS_WITH(TW, TX, TB, TY, X_STRIDE, ATTR, ONE_ROW, MANY)                                 \
+    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_1, ONE_ROW)                                   \
     SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_2, SHAPE_2)                                   \
     SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_3, SHAPE_3)                                   \
-    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_many, SHAPE_MANY)
+    SMALL_BATCH_KERNEL_OF(TW, TX, TB, TY, X_STRIDE, ATTR, matmul_many, MANY)
 #define SMALL_BATCH_KERNELS(TW, TX, TB, TY, X_STRIDE, ATTR)                                                    \
-    SMALL_BATCH_KERNELS_WITH(TW, TX, TB, TY, X_STRIDE, ATTR, SHAPE_1)
+    SMALL_BATCH_KERNELS_WITH(TW, TX, TB, TY, X_STRIDE, ATTR, SHAPE_1, SHAPE_MANY)
 
 /* Runs the kernel for m input rows (1..SMALL_BATCH_MAX_ROWS, checked by the caller) and returns 0. */
 #define SMALL_BATCH_DISPATCH(W, X, b, Y, m, rows, cols, gelu)                                                  \
