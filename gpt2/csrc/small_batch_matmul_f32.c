@@ -21,7 +21,11 @@
  * interleaved, 1 row 13.5 vs 16.1 ms, 2 rows 13.6 vs 15.7, 4 rows 17.5 vs 21.9, 8 rows 18.3 vs 30.1, 16 rows 29.2
  * vs 45.1; medium 1 row 53.8 vs 54.9, 8 rows 60.2 vs 81.3, 16 rows 80.8 vs 113.0 (in a slow stretch of this
  * machine). Whole fp32 decode steps, median of 27 interleaved: small b1 21.0 vs 22.8 ms, b8 24.8 vs 35.7; medium b1
- * 38.8 vs 43.0, b8 72.3 vs 96.0. */
+ * 38.8 vs 43.0, b8 72.3 vs 96.0. Each pass over a block prefetches the next block again, and the repeat is needed:
+ * the whole step at medium batch 8 (4 x 4 blocks, two passes), paired, median of 21, took 1.22x its time with the
+ * prefetch in the first pass only, 1.32x in the last only, 1.17x with each pass prefetching half the next block's
+ * lines, 1.15x with the second pass prefetching the block after next, 1.36x with none; two prefetches of each line
+ * in every pass 1.00x. */
 
 /* Y[j, i] = X[j] . w[i] + b[i] for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
 static inline __attribute__((always_inline)) void block(const float *w, const float *X, const float *b, float *Y,
