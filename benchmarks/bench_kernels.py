@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               "under the Triton interpreter).", file=sys.stderr)
         return 2
 
-    import kernels as K  # imported here: TRITON_INTERPRET must be settled first
+    from gpt2_kernels import ops as K  # imported here: TRITON_INTERPRET must be settled first
     import triton
 
     problem = K.interpreter_problem() if args.smoke else None

@@ -119,9 +119,11 @@ class TritonBackend(TorchBackend):
     EAGER_TORCH_MAX_ROWS = 1024  # the largest chunk measured (32 rows x 32 tokens); larger ones keep the kernels
 
     def __init__(self) -> None:
-        import kernels  # imported lazily: triton is only needed when this backend is chosen
+        # Imported when this backend is chosen: decorating the kernels reads TRITON_INTERPRET, which a CPU caller
+        # sets only when it wants them interpreted.
+        from gpt2_kernels import ops
 
-        self.kernels = kernels
+        self.kernels = ops
         self.eager_torch_max_rows = self.EAGER_TORCH_MAX_ROWS
         self._torch = TorchBackend()
 

@@ -12,26 +12,27 @@ from pathlib import Path
 import torch
 
 if not torch.cuda.is_available():
-    # The Triton kernels are decorated when `kernels` is imported: without a GPU they must be
+    # The Triton kernels are decorated when `gpt2_kernels` is imported: without a GPU they must be
     # interpreted, and TRITON_INTERPRET is only read then, so set it before anything imports them.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 import gpt2  # noqa: E402
-import kernels  # noqa: E402
+import gpt2_kernels  # noqa: E402
+from gpt2_kernels import ops  # noqa: E402  (every kernel module, decorated now)
 from tests.checkpoints import FORMATS, make_reference_model, save_checkpoint
 from gpt2.config import GPT2Config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _from_repo(module: object, name: str) -> None:
+def _from_repo(module: object, folder: str) -> None:
     locations = [Path(p).resolve() for p in getattr(module, "__path__", [])]
-    if REPO / name not in locations:
+    if REPO / folder not in locations:
         raise pytest.UsageError(
-            f"`import {name}` found {locations or module}, not {REPO / name}: another package of that name "
-            f"shadows this repository's; run the tests with PYTHONPATH={REPO}"
+            f"`import {module.__name__}` found {locations or module}, not {REPO / folder}: another installation "
+            f"shadows this repository's; install this checkout with `python -m pip install -e {REPO}`"
         )
 
 
@@ -40,23 +41,23 @@ def _kernels_interpreted() -> None:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    modules = [module for name, module in sys.modules.items() if name.startswith("kernels.")]
+    modules = [module for name, module in sys.modules.items() if name.startswith("gpt2_kernels.")]
     functions = {f"{m.__name__}.{name}": f for m in modules for name, f in vars(m).items()
                  if isinstance(f, (JITFunction, InterpretedFunction))}
     compiled = sorted(name for name, f in functions.items() if not isinstance(f, InterpretedFunction))
     if not functions or compiled:
         raise pytest.UsageError(
-            f"no GPU, but the Triton kernels {compiled or 'in kernels'} were not decorated under the interpreter: "
-            "`kernels` was imported before this file set TRITON_INTERPRET=1, or the environment sets it to "
+            f"no GPU, but the Triton kernels {compiled or 'in gpt2_kernels'} were not decorated under the interpreter: "
+            "`gpt2_kernels` was imported before this file set TRITON_INTERPRET=1, or the environment sets it to "
             "something else; run the tests with TRITON_INTERPRET=1"
         )
 
 
 _from_repo(gpt2, "gpt2")
-_from_repo(kernels, "kernels")
+_from_repo(gpt2_kernels, "kernels")
 if not torch.cuda.is_available():
     _kernels_interpreted()
-    _problem = kernels.interpreter_problem()
+    _problem = ops.interpreter_problem()
     if _problem:
         raise pytest.UsageError(f"no GPU, so the Triton kernels are tested interpreted, but {_problem}")
 

@@ -20,8 +20,8 @@ from functools import partial
 import pytest
 import torch
 
-from kernels import attention_decode, attention_decode_reference, attention_prefill, attention_prefill_reference
-from kernels.attention_decode import _split_plan
+from gpt2_kernels.attention_decode import _split_plan, attention_decode, attention_decode_reference
+from gpt2_kernels.attention_prefill import attention_prefill, attention_prefill_reference
 from tests.kernel_tolerances import DEVICE, DTYPES, assert_matches
 
 _assert_matches = partial(assert_matches, atol=2e-5)

@@ -13,7 +13,7 @@ satisfy max|ours - ref| <= 2 * max|torch_lowp - ref| + eps, the rule of tests/ke
 import pytest
 import torch
 
-from kernels import bias_gelu, bias_gelu_reference
+from gpt2_kernels.bias_gelu import bias_gelu, bias_gelu_reference
 from tests.kernel_tolerances import DEVICE, DTYPES, assert_matches
 
 

@@ -15,7 +15,7 @@ from functools import partial
 import pytest
 import torch
 
-from kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from gpt2_kernels.layer_norm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 from tests.kernel_tolerances import DEVICE, DTYPES, TRUNCATING_BF16, assert_matches
 
 _assert_matches = partial(assert_matches, atol=1e-5)

@@ -101,7 +101,7 @@ def test_triton_on_an_interpreter_that_cannot_run_the_kernels_is_an_error(monkey
     from types import SimpleNamespace
 
     from gpt2.backend import select_backend
-    from kernels import interpreter
+    from gpt2_kernels import interpreter
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(interpreter, "_numpy_refuses_int_of_array", lambda: True)

@@ -1,10 +1,4 @@
-"""Triton kernels for the GPT-2 inference engine, each beside its plain-torch reference.
-
-Launchers accept fp32, fp16 and bf16 tensors (fp32 accumulation, output in the input dtype) and
-compute grid sizes from tensor shapes only (no host syncs). On CPU tensors they run only under the
-Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). This package never imports
-the model package.
-"""
+"""Every launcher and its torch reference in one namespace: `from gpt2_kernels import ops`, then `ops.layer_norm(...)`."""
 
 from .attention_decode import attention_decode, attention_decode_reference
 from .attention_prefill import attention_prefill, attention_prefill_reference
