@@ -21,7 +21,7 @@ import torch
 
 from .generation import DecodeFn, continue_from_cache, generation_cache, prefill
 from .mmi import MMIReranker, check_same_vocabulary
-from .sampling import SamplingParams
+from .sampling import SEED_RANGE, SamplingParams, check_seed
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -110,8 +110,7 @@ class Chat:
         for name, cap in (("max_history_turns", max_history_turns), ("max_history_tokens", max_history_tokens)):
             if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
                 raise ValueError(f"{name}={cap!r} must be a positive integer or None")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed={seed!r} must be an integer or None")
+        check_seed(seed)
         self.max_history_turns = max_history_turns
         self.max_history_tokens = max_history_tokens
         self.seed = seed
@@ -241,7 +240,7 @@ class Chat:
         return _TurnPlan(turns, context, n if context[:n] == self._cached else 0)
 
     def _turn_seed(self) -> int | None:
-        return None if self.seed is None else self.seed + self._replies
+        return None if self.seed is None else (self.seed + self._replies) % SEED_RANGE[1]
 
     def _commit(self, plan: _TurnPlan, reply: list[int], cache: KVCache, row: int) -> str:
         """Remember the turn and the chosen row's keys/values; returns the reply's text."""

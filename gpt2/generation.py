@@ -21,8 +21,24 @@ from .sampling import NGramBans, RandomStreams, SamplingParams, apply_repetition
 if TYPE_CHECKING:
     from .model import GPT2
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits held NaN or inf: no token chosen from them would mean anything."""
+
+
 TokenCallback = Callable[[int, int], None]  # (row, token) as each new token is chosen
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # tokens (B,) -> logits (B, V), appending to a cache
+
+
+def check_finite(logits: torch.Tensor, step: int, finished: list[bool]) -> None:
+    """Raise NonFiniteLogitsError where a row still generating got NaN or inf logits (B, V) at this step."""
+    broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
+    rows = [i for i, bad in enumerate(broken) if bad and not finished[i]]
+    if rows:
+        where = "the prompt's last token" if step == 0 else f"decode step {step}"
+        raise NonFiniteLogitsError(
+            f"the model's logits hold NaN or inf at {where} (row{'s' if len(rows) > 1 else ''} "
+            f"{', '.join(map(str, rows))}): no token can be chosen from them. The weights hold NaN/inf, or the "
+            "activations overflow this dtype (float16 ends at 65504: try torch.bfloat16 or torch.float32)")
 
 
 def check_token_ids(kind: str, index: int, ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -152,6 +168,7 @@ def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histo
     finished = [False] * batch
     for step in range(params.max_new_tokens):
         logits = logits.float()  # (B, V)
+        check_finite(logits, step, finished)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         if bans is not None:

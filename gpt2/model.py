@@ -99,7 +99,12 @@ class GPT2(nn.Module):
     def backend(self) -> TorchBackend:
         """The fused-op implementation for the device the weights are on now (resolved on first use there)."""
         if self._backend is None or self._backend[0] != self.device:
-            self._backend = (self.device, select_backend(self.backend_name, self.device))
+            try:
+                self._backend = (self.device, select_backend(self.backend_name, self.device))
+            except AttributeError as e:
+                # nn.Module.__getattr__ would answer an AttributeError escaping a property with "'GPT2' object has no
+                # attribute 'backend'", hiding the real one.
+                raise RuntimeError(f"choosing the backend failed: {type(e).__name__}: {e}") from e
         return self._backend[1]
 
     def set_backend(self, name: str | None) -> None:
@@ -126,6 +131,7 @@ class GPT2(nn.Module):
         (rows with n_new 0 get the logits of a padded slot, to be ignored). hidden_only returns the
         final-LayerNorm states (..., n_embd) instead of logits, for callers that project only some positions.
         """
+        self._check_input_ids(input_ids)
         B, T = input_ids.shape
         if cache is None:
             if T > self.config.n_positions:
@@ -137,6 +143,21 @@ class GPT2(nn.Module):
         if cache is not None:
             cache.commit(step)
         return out
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse what the embedding lookup would fail on deep inside torch (or, on CUDA, with a device assert)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
+                                                                                                       torch.int32):
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor of int64 or int32 token ids, got {shape}"
+                             + (f" {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} is empty: give at least one row of at "
+                             "least one token")
+        low, high = input_ids.min().item(), input_ids.max().item()
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
 
     def forward_step(self, input_ids: torch.Tensor, step: ForwardStep, cache: KVCache | None,
                      last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:

@@ -6,9 +6,22 @@ min-new-tokens, then temperature, top-k, top-p), so greedy and sampled outputs a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes (a negative seed wraps around 2**64)
+
+
+def check_seed(seed: object) -> None:
+    """Refuse a seed torch cannot take, naming it: an int inside SEED_RANGE, or None."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r} must be an integer or None")
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"seed={seed!r} is outside the range torch's generators take, [-2**63, 2**64)")
 
 
 @dataclass(frozen=True)
@@ -34,14 +47,17 @@ class SamplingParams:
                 raise bad(name, "must be a non-negative integer")
         if self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be at least 1")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
         if self.do_sample and not self.temperature > 0:
             raise bad("temperature", "must be > 0 when sampling")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if not self.repetition_penalty > 0:
             raise bad("repetition_penalty", "must be > 0 (1.0 disables it)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise bad("seed", "must be an integer or None")
+        check_seed(self.seed)
 
 
 class NGramBans:
@@ -98,7 +114,10 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, generator: RandomS
     """
     if not params.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    # Shifted so each row's best logit is 0 before scaling: a tiny temperature then sends the others to -inf, never
+    # the best to +inf (whose softmax is NaN). Softmax, top-k and top-p are unchanged by the shift.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     token_ids = None
     if 0 < params.top_k < logits.shape[-1]:
         # Only the k best can survive top-k, so top-p and sampling run over (B, k) instead of the

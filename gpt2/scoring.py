@@ -8,12 +8,13 @@ layer, in chunks, so memory stays bounded by the chunk, not by batch x length x 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from .generation import check_token_ids
+from .generation import NonFiniteLogitsError, check_token_ids
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -71,5 +72,8 @@ def score(model: GPT2, contexts: Sequence[Sequence[int]], continuations: Sequenc
     sums = torch.zeros(len(scored), dtype=torch.float64, device=device)
     sums.index_add_(0, batch_rows_t, token_logprobs.double())  # (B,)
     for i, total in zip(scored, sums.tolist()):
+        if math.isnan(total):
+            raise NonFiniteLogitsError(f"pair {i}: the model's logits hold NaN or inf, so its log-likelihood is NaN "
+                                       "(the weights hold NaN/inf, or the activations overflow this dtype)")
         totals[i] = total
     return totals

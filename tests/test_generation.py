@@ -138,3 +138,98 @@ def test_context_limit_is_enforced_per_row(model):
 def test_forward_longer_than_context_is_refused(model):
     with pytest.raises(ValueError, match="exceeds n_positions"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(do_sample=True, temperature=float("inf")), "temperature=inf: must be a finite number"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature=nan: must be a finite number"),
+        (dict(top_p=float("nan")), "top_p=nan"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty=inf"),
+        (dict(do_sample=True, seed=2**70), r"seed=1180591620717411303424 is outside .*\[-2\*\*63, 2\*\*64\)"),
+        (dict(do_sample=True, seed=-(2**63) - 1), "seed=.* is outside"),
+        (dict(do_sample=True, seed=1.5), "seed=1.5 must be an integer"),
+    ],
+)
+def test_non_finite_and_out_of_range_settings_are_refused_before_any_work(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(PROMPTS, **kwargs)
+
+
+def test_seeds_at_the_ends_of_torchs_range_are_taken(model):
+    for seed in (-(2**63), 2**64 - 1):
+        assert len(model.generate(PROMPTS, max_new_tokens=3, do_sample=True, seed=seed, eos_token_id=None)[0]) == 3
+
+
+def test_a_tiny_temperature_samples_the_best_token(model):
+    """Scaled before shifting, a temperature this small sends the best logit to +inf and softmax to NaN."""
+    greedy = model.generate(PROMPTS, max_new_tokens=6, eos_token_id=None)
+    assert model.generate(PROMPTS, max_new_tokens=6, do_sample=True, temperature=1e-40, seed=0,
+                          eos_token_id=None) == greedy
+
+
+def broken_copy(model: GPT2, dtype: torch.dtype, poison) -> GPT2:
+    copy = GPT2(CONFIG).to(dtype).eval()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        poison(copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "dtype, poison, where",
+    [
+        # A NaN weight in the last block reaches every logit from the first token on.
+        (torch.float32, lambda m: m.h[-1].mlp.c_proj.bias.fill_(float("nan")), "the prompt's last token"),
+        # fp16 weights of 1e4: the activations pass fp16's 65504 and the logits become NaN.
+        (torch.float16, lambda m: m.h[0].mlp.c_fc.weight.uniform_(-1e4, 1e4, generator=torch.Generator().manual_seed(0)),
+         "the prompt's last token"),
+    ],
+)
+def test_nan_logits_raise_instead_of_returning_tokens(model, dtype, poison, where):
+    from gpt2.generation import NonFiniteLogitsError
+
+    broken = broken_copy(model, dtype, poison)
+    with pytest.raises(NonFiniteLogitsError, match=f"NaN or inf at {where} \\(rows 0, 1\\)"):
+        broken.generate(PROMPTS, max_new_tokens=4)
+    with pytest.raises(NonFiniteLogitsError, match="pair 0"):
+        broken.score([PROMPTS[0]], [[1, 2]])
+
+
+def test_nan_logits_mid_generation_name_the_decode_step(model):
+    """Only the positions past the prompt are broken: the prefill's logits are fine, the first decode step's not."""
+    from gpt2.generation import NonFiniteLogitsError
+
+    broken = broken_copy(model, torch.float32, lambda m: m.wpe.weight[2:].fill_(float("nan")))
+    with pytest.raises(NonFiniteLogitsError, match=r"NaN or inf at decode step 1 \(row 0\)"):
+        broken.generate([[464, 3290]], max_new_tokens=4, eos_token_id=None)
+
+
+@pytest.mark.parametrize(
+    "input_ids, message",
+    [
+        (torch.zeros(0, 1, dtype=torch.long), r"shape \(0, 1\) is empty"),
+        (torch.zeros(1, 0, dtype=torch.long), r"shape \(1, 0\) is empty"),
+        (torch.zeros(3, dtype=torch.long), r"\(batch, length\) tensor .* got \(3,\)"),
+        (torch.zeros(1, 3), r"got \(1, 3\) torch.float32"),
+        (torch.tensor([[1, 50257]]), r"token id 50257, outside the vocabulary \[0, 50257\)"),
+        (torch.tensor([[-4, 1]]), "token id -4"),
+    ],
+)
+def test_bad_forward_inputs_are_refused_by_name(model, input_ids, message):
+    with pytest.raises(ValueError, match=message):
+        model(input_ids)
+
+
+def test_an_attribute_error_while_choosing_the_backend_is_not_hidden(model, monkeypatch):
+    """nn.Module.__getattr__ turns an AttributeError escaping a property into "no attribute 'backend'"."""
+    from gpt2 import model as model_module
+
+    def broken_select(name, device):
+        raise AttributeError("module 'gpt2_kernels' has no attribute 'interpreter_problem'")
+
+    fresh = GPT2(CONFIG)
+    monkeypatch.setattr(model_module, "select_backend", broken_select)
+    with pytest.raises(RuntimeError, match="choosing the backend failed: AttributeError: module 'gpt2_kernels'"):
+        fresh.backend  # noqa: B018
