@@ -5,8 +5,9 @@ concatenated, and the model continues with the reply. Before each reply the olde
 dropped until history plus the reply budget fit the context (and the optional caps); the newest user
 turn is never dropped, only cut from its start, with a `ChatNotice` warning, when alone it cannot fit.
 The keys and values of everything already seen are kept between turns, so a turn prefills only its
-new tokens (everything again when truncation changed the prefix); the reply is the one a from-scratch
-`generate` on the same history gives. Several chats step together as one ragged batch (`Chat.say_many`),
+new tokens (everything again when truncation changed the prefix). In fp32 the reply is the one a from-scratch
+`generate` on the same history gives; in bf16 and int8 the keys and values cached by decode steps differ by
+rounding from a prefill's, so a reply can differ from it where two tokens' logits nearly tie. Several chats step together as one ragged batch (`Chat.say_many`),
 and with a reverse model each reply is chosen among sampled candidates by MMI (`gpt2.mmi`).
 """
 
@@ -154,8 +155,8 @@ class Chat:
                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
         """One turn of several chats, generated as one ragged batch; on_text(chat index, text piece) streams.
 
-        The chats must share the model and sampling settings (seeds may differ). Each chat's reply equals the
-        one it would give alone: every chat samples from its own random stream. A chat with a reverse model
+        The chats must share the model and sampling settings (seeds may differ). Each chat samples from its
+        own random stream, so its reply is the one it would give alone (in fp32; see the module docstring). A chat with a reverse model
         prefills its turn once and samples its n_candidates replies from copies of that cache; MMI chats
         stream their reply once it is chosen.
         """

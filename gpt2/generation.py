@@ -1,7 +1,7 @@
 """Autoregressive generation over the KV cache: one ragged prefill, then one-token decode steps.
 
-Rows of different lengths are right-padded in the prefill and each row keeps its own positions,
-so every row generates exactly what it would alone.
+Rows of different lengths are right-padded in the prefill and each row keeps its own positions, so in fp32
+every row generates exactly what it would alone (bf16 and int8 logits may differ by rounding with the batch).
 """
 
 from __future__ import annotations
