@@ -1,13 +1,15 @@
 """This engine's C kernels for the CPU (`gpt2/csrc/`), built once with the system C compiler.
 
 The sources are compiled together (`cc -O3 -fopenmp` and the CPU's vector instructions, about 1.7 s) into one shared
-library in the engine cache ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine), named by a hash of the sources and
-the command, and loaded with ctypes. Its OpenMP runtime is the libgomp torch has loaded, so the kernels run on
-torch's threads. They are written in `csrc/simd.h`'s vectors: AVX-512 (`-mavx512f -mfma`) where the CPU has it,
-else AVX2 with FMA (`-mavx2 -mfma`). Without either or a compiler, or with GPT2_CPU_KERNEL=0, the model keeps
-torch's ops; `unavailable_reason()` says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows),
-`prefill_matmul` (of more rows), `cpu_attention` (causal attention over the KV cache), `decode_blocks` (a decode
-step's blocks in one call) and `cpu_decode_step` (a whole decode step, fp32, bf16 or int8, in one call).
+library in the engine cache's `kernels` directory ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine; kept private to
+this user, 0700), named by a hash of the sources and the command, its sha256 recorded beside it, and loaded with
+ctypes only where its bytes still have that sha256 (else rebuilt). Its OpenMP runtime is the libgomp torch has loaded,
+so the kernels run on torch's threads. They are written in `csrc/simd.h`'s vectors: AVX-512 (`-mavx512f -mfma`) where
+the CPU has it, else AVX2 with FMA (`-mavx2 -mfma`). Without either, or with GPT2_CPU_KERNEL=0, the model keeps
+torch's ops; so it does, with a one-line warning, where the kernels cannot be built or loaded. `unavailable_reason()`
+says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows), `prefill_matmul` (of more rows),
+`cpu_attention` (causal attention over the KV cache), `decode_blocks` (a decode step's blocks in one call) and
+`cpu_decode_step` (a whole decode step, fp32, bf16 or int8, in one call).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,9 +71,81 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.attention_f32.restype = ctypes.c_int
 
 
+class UntrustedCacheError(Exception):
+    """The kernel cache directory is not this user's own private directory, so a library in it may not be ours."""
+
+
+def claim_private_dir(directory: Path) -> None:
+    """Makes directory (the engine cache's `kernels`) this user's private one, 0700, before anything is loaded from it.
+
+    Created 0700 where missing; an existing one of this user's with other permissions is set to 0700. One that is a
+    symlink, not a directory, or owned by another user raises UntrustedCacheError: whoever can write there could put
+    code into this process."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = directory.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise UntrustedCacheError(f"the kernel cache {directory} is a symlink (to {os.readlink(directory)}); "
+                                  "refusing to load libraries from it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UntrustedCacheError(f"the kernel cache {directory} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise UntrustedCacheError(f"the kernel cache {directory} is owned by uid {info.st_uid}, not this user "
+                                  f"(uid {os.geteuid()}); refusing to load libraries from it")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
+def sha256_sidecar(library: Path) -> Path:
+    """The sidecar holding library's sha256 (hex), recorded when it was built."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_verified(library: Path) -> bool:
+    """library exists and its bytes hash to the sha256 its sidecar recorded at build time: not truncated by a killed
+    build or a full disk, nor replaced by another file."""
+    try:
+        return sha256_sidecar(library).read_text().strip() == _sha256(library)
+    except FileNotFoundError:
+        return False
+
+
+def _build(command: list[str], library: Path) -> str | None:
+    """Compiles the sources into library and records its sha256 beside it; None, or why the compile failed.
+
+    Both files are written in a scratch directory beside them and moved into place (atomically, library first): a
+    process loading meanwhile sees whole files, and a library whose sidecar is not yet (or no longer) its own fails
+    `is_verified`, so that process builds its own."""
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        run = subprocess.run([*command, *map(str, _sources()), "-o", str(built)], capture_output=True, text=True)
+        if run.returncode != 0:
+            errors = " ".join(run.stderr.split())[-500:] or "no message"  # one line, for the warning
+            return f"compiling {SOURCE_DIR.name}/*.c with {command[0]} failed (exit status {run.returncode}): {errors}"
+        sha256_sidecar(built).write_text(_sha256(built) + "\n")
+        os.replace(built, library)
+        os.replace(sha256_sidecar(built), sha256_sidecar(library))
+    return None
+
+
+def _unavailable(reason: str) -> tuple[None, str, float]:
+    """_load's answer where the kernels should have loaded but could not: warned once (as _load runs once)."""
+    warnings.warn(f"C kernels unavailable ({reason}); using torch's ops", RuntimeWarning, stacklevel=4)
+    return None, reason, 0.0
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
-    """(library, None, compile seconds) or (None, why not, 0.0); built and loaded once per process."""
+    """(library, None, compile seconds) or (None, why not, 0.0); built and loaded once per process.
+
+    Only a library that `is_verified` is loaded; any other (truncated, unrecorded, replaced) is rebuilt first."""
     if os.environ.get("GPT2_CPU_KERNEL", "1") == "0":
         return None, "turned off by GPT2_CPU_KERNEL=0", 0.0
     isa = instruction_set()
@@ -78,31 +154,31 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
                      f"{torch.backends.cpu.get_cpu_capability()})", 0.0
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        return None, f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on PATH)", 0.0
+        return _unavailable(f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on PATH)")
     from .loading import engine_cache_dir  # imported here: loading imports the model, which imports the backend
 
-    sources = _sources()
     content = b"".join(p.name.encode() + p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.is_file())
     command = [compiler, *FLAGS, *ISA_FLAGS[isa], *tuned_flags()]
     key = hashlib.sha256(content + " ".join(command).encode()).hexdigest()[:16]
     library = engine_cache_dir() / "kernels" / f"{LIBRARY_STEM}-{key}.so"
     seconds = 0.0
     try:
-        if not library.exists():
+        claim_private_dir(library.parent)
+        if not is_verified(library):
             start = time.perf_counter()
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-                built = Path(scratch) / library.name
-                run = subprocess.run([*command, *map(str, sources), "-o", str(built)], capture_output=True, text=True)
-                if run.returncode != 0:
-                    errors = run.stderr.strip()[-500:]
-                    return None, f"compiling {SOURCE_DIR.name}/*.c with {compiler} failed: {errors}", 0.0
-                os.replace(built, library)  # atomic: a process loading it meanwhile sees the whole file or none
+            failure = _build(command, library)
+            if failure is not None:
+                return _unavailable(failure)
             seconds = time.perf_counter() - start
+        # Loaded by name once verified: in this user's private directory only another whole build can replace it.
         lib = ctypes.CDLL(str(library))
+        _declare(lib)
+    except UntrustedCacheError as e:
+        return _unavailable(str(e))
     except OSError as e:  # an unwritable cache, a library that will not load
-        return None, f"cannot build or load {library}: {e}", 0.0
-    _declare(lib)
+        return _unavailable(f"cannot build or load {library}: {e}")
+    except AttributeError as e:  # ctypes' error for a symbol the library lacks
+        return _unavailable(f"{library} lacks a kernel this engine calls ({e})")
     return lib, None, seconds
 
 
