@@ -8,8 +8,8 @@ of the generated ids with transformers eager, and the batch-1 decode step as a m
 weight-streaming bound measured in the same run. Writes a table to stdout and JSON + PNG to --out.
 Engines that are not installed, or fail to set up, are skipped with the reason in the output.
 
-    python benchmarks/bench_generation.py                 # full run (about 17 minutes on 2 cores)
-    python benchmarks/bench_generation.py --smoke --out /tmp/smoke   # seconds: what CI runs
+    python -m benchmarks.bench_generation                 # full run (about 17 minutes on 2 cores)
+    python -m benchmarks.bench_generation --smoke --out /tmp/smoke   # seconds: what CI runs
 """
 
 from __future__ import annotations
@@ -27,19 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from benchmarks.ctranslate2_engine import ctranslate2_engines  # noqa: E402
-from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, cpu_times, format_table,  # noqa: E402
-                        low_precision_engines, measure, other_cores, paired_prefill_ratios, peak_rss_growth_mb,
-                        random_prompts, reference_pair, steal_seconds, this_engine, transformers_engine,
-                        wait_for_quiet)
-from gpt2 import cpu_kernels  # noqa: E402
-from gpt2.config import GPT2Config  # noqa: E402
-from gpt2.packed_linear import bf16_packing_available  # noqa: E402
+from benchmarks.ctranslate2_engine import ctranslate2_engines
+from benchmarks.host import cpu_times, other_cores, peak_rss_growth_mb, steal_seconds, wait_for_quiet
+from benchmarks.reference import reference_pair, transformers_engine
+from gpt2 import GPT2Config
+from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, format_table, low_precision_engines,
+                        measure, paired_prefill_ratios, random_prompts, this_engine)
+from gpt2.cpu import build
+from gpt2.cpu.bf16_linear import bf16_packing_available
 
 REFERENCE = "transformers eager"
 BASELINE = "transformers sdpa"  # what the speed ratios are taken against
@@ -85,7 +83,7 @@ def machine() -> dict[str, object]:
     versions = {name: _version(name) for name in ("transformers", "ctranslate2")}
     return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__, **versions,
             "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_kernels": cpu_kernels.status()}
+            "cpu_kernels": build.status()}
 
 
 def _version(module: str) -> str | None:
@@ -205,7 +203,8 @@ def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argpa
         bar.update()
     bar.set_postfix_str(f"batch {batch}: timing")
     timings = measure(engines, prompts, args.new_tokens, args.repeats, progress=bar.update,
-                      quiet_wait_s=0.0 if args.smoke else 20.0, bound=probe, prefill_samples=args.prefill_samples)
+                      before_turn=None if args.smoke else wait_for_quiet, bound=probe,
+                      prefill_samples=args.prefill_samples, steal_clock=steal_seconds)
     memory = {}
     for engine in engines:
         bar.set_postfix_str(f"batch {batch}: memory {engine.name}")
@@ -334,7 +333,7 @@ def markdown(results: dict, lines: list[str]) -> str:
         f"Other processes used {results['other_processes_cores']:.2f} cores on average during the run, other guests "
         f"of the host (steal time) {results.get('steal_cores', 0.0):.2f}.",
         f"This engine's {m['cpu_kernels']}.", "",
-        f"Command: `{results.get('command', 'python benchmarks/bench_generation.py')}`. Plot: `generation.png`; "
+        f"Command: `{results.get('command', 'python -m benchmarks.bench_generation')}`. Plot: `generation.png`; "
         "every sample: `generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
 
 
@@ -387,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_engines = 2 if args.smoke else 4 + bf16_packing_available() + 2 * args.ctranslate2 + args.compile
     total = len(args.sizes) * len(args.batch) * n_engines * ((args.prefill_samples + 1) * args.repeats + 2)
-    command = shlex.join(["python", "benchmarks/bench_generation.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "benchmarks.bench_generation", *(sys.argv[1:] if argv is None else argv)])
     results: dict = {"machine": machine(), "command": command, "threads": args.threads,
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "prefill_samples": args.prefill_samples, "sizes": {}}

@@ -11,8 +11,8 @@ against transformers fp32. The batch-1 decode step is also given as a multiple o
 one fp16 GEMV over the weights a decode step reads, timed with CUDA events in the same run. The one-time cost
 of capturing this engine's decode graph is measured separately.
 
-    python benchmarks/bench_generation_cuda.py                           # a CUDA GPU, about 2 minutes
-    python benchmarks/bench_generation_cuda.py --smoke --out /tmp/smoke  # CPU, tiny config, seconds: what CI runs
+    python -m benchmarks.bench_generation_cuda                           # a CUDA GPU, about 2 minutes
+    python -m benchmarks.bench_generation_cuda --smoke --out /tmp/smoke  # CPU, tiny config, seconds: what CI runs
 
 Writes generation-cuda-<device>.json and .md to --out.
 """
@@ -31,17 +31,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.bench_generation import (compile_cost_lines, compile_cost_s, compiled_transformers_engine,  # noqa: E402
-                                         logit_error)
-from gpt2.bench import (SIZES, CudaBoundProbe, Engine, agreement, format_table, measure,  # noqa: E402
-                        peak_rss_growth_mb, random_prompts, reference_pair, this_engine, transformers_engine)
-from gpt2.decode_graph import StaticDecodeStep  # noqa: E402
-from gpt2.generation import prefill  # noqa: E402
-from gpt2.model import GPT2  # noqa: E402
+from benchmarks.bench_generation import compile_cost_lines, compile_cost_s, compiled_transformers_engine, logit_error
+from benchmarks.host import peak_rss_growth_mb
+from benchmarks.reference import reference_pair, transformers_engine
+from gpt2 import GPT2
+from gpt2.bench import SIZES, CudaBoundProbe, Engine, agreement, format_table, measure, random_prompts, this_engine
+from gpt2.cuda.decode_graph import StaticDecodeStep
+from gpt2.dispatch import graph_pool
+from gpt2.generation import prefill
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EXACT = "transformers sdpa fp32"  # whose logits every engine's error is measured against
@@ -202,7 +201,7 @@ def run_size(size: str, args: argparse.Namespace, device: str) -> dict:
             t = timings[e.name]
             ref = reference_name(e.name)
             for model in built.ours:  # so a call's peak includes the KV cache and graph a pool would keep
-                model.decode_graphs.clear()
+                graph_pool(model).clear()
             run["engines"][e.name] = {
                 "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms, "tokens_per_s": t.tokens_per_s,
                 "peak_memory_mb": peak_memory_mb(lambda e=e: e.generate(prompts, args.new_tokens), device),
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"generation-cuda-{slug}.json").write_text(json.dumps(results, indent=1))
-    command = " ".join(["python benchmarks/bench_generation_cuda.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.bench_generation_cuda", *(argv if argv is not None else sys.argv[1:])])
     (args.out / f"generation-cuda-{slug}.md").write_text("\n".join([
         f"# Generation benchmark on {device_name}", "",
         f"torch {results['torch']}, triton {results['triton']}, transformers {results['transformers']}. "

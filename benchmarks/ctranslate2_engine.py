@@ -3,7 +3,7 @@
 In the benchmark's process, CTranslate2's OpenMP threads keep spinning for a while after each of its calls,
 on the two cores the next engine timed needs: this engine measured 1-4 ms per decode step slower beside it.
 In a worker process that spinning is another process's CPU use, which the benchmark's quiet wait
-(`gpt2.bench.wait_for_quiet`) sits out before timing the next engine. A call's round trip through the pipe
+(`benchmarks.host.wait_for_quiet`) sits out before timing the next engine. A call's round trip through the pipe
 (lists of token ids) is timed with it and costs well under a millisecond.
 """
 
@@ -71,7 +71,7 @@ def serve(conn: Connection, model_dir: str, compute_type: str, threads: int, voc
         import ctranslate2
         import numpy as np
 
-        from gpt2.bench import peak_rss_growth_mb
+        from benchmarks.host import peak_rss_growth_mb
 
         generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type,
                                           intra_threads=threads, inter_threads=1)

@@ -42,8 +42,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, report 
 stage tests 190 env OMP_NUM_THREADS=2 python3 -m pytest -v -n 8 -p no:cacheprovider --timeout 160 -rfs
 if [ -f "$out/tests.log" ]; then grep -E "FAILED|ERROR" "$out/tests.log" | head -n 20; tail -n 3 "$out/tests.log"; fi
 stage kernels 80 sh -c 'python3 -m benchmarks.bench_kernels --save && cp benchmarks/results/kernels-* "$0"' "$out"
-stage generation 120 python3 benchmarks/bench_generation_cuda.py --out "$out"
+stage generation 120 python3 -m benchmarks.bench_generation_cuda --out "$out"
 stage gpt2-bench 45 python3 -m gpt2.cli bench --device cuda --sizes small --no-progress
-stage compiled 110 python3 benchmarks/bench_generation_cuda.py --sizes small medium --batch 1 --compile \
+stage compiled 110 python3 -m benchmarks.bench_generation_cuda --sizes small medium --batch 1 --compile \
     --out "$out/compiled"
 cat "$out/gpu.txt"

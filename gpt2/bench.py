@@ -1,4 +1,4 @@
-"""Generation benchmarks: timing, the weight-streaming bound, memory and agreement, shared by `gpt2 bench`
+"""Generation benchmarks: timing, the weight-streaming bound and agreement, shared by `gpt2 bench`
 and benchmarks/bench_generation.py.
 
 An engine is anything that turns equal-length prompts into exactly n greedy tokens per row (end of text
@@ -10,23 +10,22 @@ interleaved within each repeat and medians reported, since other work on the mac
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu_kernels, small_batch_matmul
-from .config import GPT2Config
-from .huge_pages import huge_page_copy, huge_page_weights
-from .model import GPT2
+from tqdm import tqdm
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+from .config import GPT2Config
+from .cpu import build
+from .cpu.bf16_linear import bf16_packing_available, pack_bf16
+from .cpu.huge_pages import huge_page_copy, huge_page_weights
+from .cpu.int8_linear import quantize_int8
+from .cpu import small_batch_matmul
+from .model import GPT2
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, n) -> n new tokens per row
 
 SIZES = {"tiny": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128),
@@ -47,7 +46,7 @@ class Engine:
 @dataclass
 class Timing:
     """Seconds per call of one engine over the repeats: one-token generates (one_per_repeat of them in each repeat,
-    in order) and n-token generates; beside each sample, the host's steal time during it (`steal_seconds`)."""
+    in order) and n-token generates; beside each sample, the host's steal time during it where `measure` read it."""
 
     batch: int
     n_new: int
@@ -136,37 +135,6 @@ def random_model(config: GPT2Config, seed: int = 0) -> GPT2:
     return model.eval()
 
 
-def make_reference_model(config: GPT2Config, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """A seeded random transformers GPT2LMHeadModel with config's sizes (fp32, eval).
-
-    Biases and LayerNorm parameters get small random values too, so no tensor is a trivial 0 or 1.
-    """
-    import transformers
-
-    torch.manual_seed(seed)
-    hf_model = transformers.GPT2LMHeadModel._from_config(transformers.GPT2Config(**config.to_dict()),
-                                                        attn_implementation=attn_implementation, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in hf_model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02)
-            elif ".ln_" in name:
-                param.normal_(1.0, 0.1)
-    return hf_model.eval()
-
-
-def reference_pair(config: GPT2Config, seed: int = 0) -> tuple[torch.nn.Module, GPT2]:
-    """`make_reference_model` and this engine's model holding the same weights (fp32, eval)."""
-    from .checkpoint import to_engine_state_dict
-
-    hf_model = make_reference_model(config, seed)
-    _, state_dict = to_engine_state_dict(hf_model.state_dict(), source="benchmark model", config=config)
-    model = GPT2(config)
-    model.load_state_dict(state_dict)
-    huge_page_weights(model)  # as gpt2.load places them
-    return hf_model, model.eval()
-
-
 def this_engine(model: GPT2, name: str = "this engine") -> Engine:
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
         return model.generate(prompts, max_new_tokens=n, min_new_tokens=n)
@@ -183,78 +151,19 @@ BF16_SKIPPED = "this engine bf16 skipped: oneDNN has no native bf16 on this CPU 
 
 def low_precision_engines(model: GPT2) -> list[Engine]:
     """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively (else BF16_SKIPPED)."""
-    from .packed_linear import bf16_packing_available, pack_bf16
-    from .quantize import quantize_int8
-
     engines = [this_engine(quantize_int8(copy.deepcopy(model)), "this engine int8")]
     if bf16_packing_available():
         engines.append(this_engine(pack_bf16(copy.deepcopy(model).to(torch.bfloat16)), "this engine bf16"))
     return engines
 
 
-def transformers_engine(hf_model: torch.nn.Module, attn: str, name: str | None = None, **generate_kwargs) -> Engine:
-    """Hugging Face `generate` on hf_model with attention implementation attn ("eager", "sdpa")."""
-
-    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
-        hf_model.set_attn_implementation(attn)
-        ids = torch.tensor(prompts, device=hf_model.device)  # (B, T), equal lengths: no padding
-        with torch.inference_mode():
-            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, pad_token_id=hf_model.config.eos_token_id, **generate_kwargs)
-        return out[:, ids.shape[1]:].tolist()
-
-    return Engine(name or f"transformers {attn}", generate)
-
-
-def cpu_times() -> tuple[float, float, float]:
-    """(CPU seconds all processes have been busy, CPU seconds of this process, wall clock), from Linux /proc."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return 0.0, 0.0, time.monotonic()
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    return busy, sum(os.times()[:4]), time.monotonic()
-
-
-def steal_seconds() -> float:
-    """CPU seconds the hypervisor has given this machine's cores to other guests (Linux /proc/stat "steal"; 0 where
-    it cannot be read). A co-tenant VM slows every two-thread region but is not among this machine's processes."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return 0.0
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
-
-
-def other_cores(since: tuple[float, float, float]) -> float:
-    """Average number of cores other processes kept busy since the `cpu_times()` sample `since`."""
-    busy, own, now = cpu_times()
-    return max(busy - since[0] - (own - since[1]), 0.0) / max(now - since[2], 1e-9)
-
-
-def wait_for_quiet(max_wait_s: float = 20.0, below_cores: float = 0.25, window_s: float = 0.25) -> float:
-    """Wait until other processes use fewer than below_cores over a window (at most max_wait_s); seconds waited.
-
-    On a shared machine a co-tenant holding one of two cores stalls every two-thread parallel region
-    (the worker waits for a descheduled thread), so timings taken then say little about the engine.
-    """
-    start = time.monotonic()
-    while time.monotonic() - start < max_wait_s:
-        sample = cpu_times()
-        time.sleep(window_s)
-        if other_cores(sample) < below_cores:
-            break
-    return time.monotonic() - start
-
-
 def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, repeats: int,
-            progress: Callable[[], None] | None = None, quiet_wait_s: float = 0.0,
-            bound: BoundProbe | None = None, prefill_samples: int = 1) -> dict[str, Timing]:
+            progress: Callable[[], None] | None = None, before_turn: Callable[[], object] | None = None,
+            bound: BoundProbe | None = None, prefill_samples: int = 1,
+            steal_clock: Callable[[], float] | None = None) -> dict[str, Timing]:
     """Interleaved timing: each repeat runs every engine for one token (prefill_samples times), then for n_new
-    tokens; with quiet_wait_s > 0 each engine's turn waits up to that long for the machine to be quiet (see
-    `wait_for_quiet`). A bound probe is sampled just before each n-token generate, each sample kept beside the
+    tokens; before_turn runs before each engine's turn (benchmarks/host.py waits there for a quiet machine), and
+    steal_clock, where given, reads the host's steal time around each sample (`Timing.one_steal`). A bound probe is sampled just before each n-token generate, each sample kept beside the
     timing it precedes (`Timing.bound_ms`): this machine's bandwidth drifts within minutes, and a ratio of samples
     seconds apart drifts less than one of medians over the run."""
     if n_new < 2:
@@ -265,8 +174,8 @@ def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, rep
     timings = {e.name: Timing(len(prompts), n_new, one_per_repeat=prefill_samples) for e in engines}
     for _ in range(repeats):
         for engine in engines:
-            if quiet_wait_s > 0:
-                wait_for_quiet(quiet_wait_s)
+            if before_turn is not None:
+                before_turn()
             t = timings[engine.name]
             for n, samples, steal in [(1, t.one, t.one_steal)] * prefill_samples + [(n_new, t.full, t.full_steal)]:
                 if n == n_new and bound is not None:
@@ -274,10 +183,11 @@ def measure(engines: Iterable[Engine], prompts: list[list[int]], n_new: int, rep
                     t.bound_ms.append(bound.samples_ms[-1])
                     if bound.sustained_samples_ms:
                         t.sustained_bound_ms.append(bound.sustained_samples_ms[-1])
-                stolen, start = steal_seconds(), time.perf_counter()
+                stolen, start = steal_clock() if steal_clock else 0.0, time.perf_counter()
                 engine.generate(prompts, n)
                 samples.append(time.perf_counter() - start)
-                steal.append(steal_seconds() - stolen)
+                if steal_clock is not None:
+                    steal.append(steal_clock() - stolen)
                 if progress is not None:
                     progress()
     return timings
@@ -432,49 +342,6 @@ class CudaBoundProbe:
                               list(self.samples_ms), [kernel] * len(self.samples_ms))
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except OSError:
-        return 0
-
-
-def peak_rss_growth_mb(fn: Callable[[], object], interval_s: float = 0.001) -> float:
-    """Peak resident memory during fn() above the level just before it, sampled every interval_s by a thread.
-
-    Freed heap is handed back first (gc, glibc malloc_trim) so that growth is memory fn really uses
-    (KV cache, activations, logits, workspaces), not memory an earlier call left cached.
-    """
-    gc.collect()
-    _malloc_trim()
-    base = peak = rss_bytes()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes())
-            done.wait(interval_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return (max(peak, rss_bytes()) - base) / 2**20
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def format_table(header: list[str], rows: list[list[object]]) -> str:
     """A GitHub-markdown table, numbers as given (format them before)."""
     cells = [[str(c) for c in row] for row in [header, *rows]]
@@ -484,35 +351,25 @@ def format_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def cuda_engines(hf_model: torch.nn.Module | None, model: GPT2) -> list[Engine]:
-    """`gpt2 bench --device cuda`: this engine in fp16 (Triton kernels, CUDA-graph decode) and fp32, and
-    transformers sdpa fp16 when given, each moved to the GPU."""
-    engines = [this_engine(copy.deepcopy(model).to("cuda", torch.float16), "this engine fp16"),
-               this_engine(model.to("cuda"), "this engine fp32")]
-    if hf_model is not None:
-        engines.append(transformers_engine(hf_model.to("cuda", torch.float16), "sdpa", "transformers sdpa fp16"))
-    return engines
+def cuda_engines(model: GPT2) -> list[Engine]:
+    """`gpt2 bench --device cuda`: this engine in fp16 (Triton kernels, CUDA-graph decode) and fp32, on the GPU."""
+    return [this_engine(copy.deepcopy(model).to("cuda", torch.float16), "this engine fp16"),
+            this_engine(model.to("cuda"), "this engine fp32")]
 
 
 def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
-                n_new: int = 16, repeats: int = 3, threads: int = 2, with_transformers: bool = True,
-                progress: bool = True, device: str = "cpu") -> str:
-    """`gpt2 bench`: on the CPU this engine fp32, int8 and packed bf16 (where the CPU has native bf16); on CUDA this
-    engine fp16 and fp32 (`cuda_engines`); and transformers sdpa when importable, on seeded random weights.
+                n_new: int = 16, repeats: int = 3, threads: int = 2, progress: bool = True,
+                device: str = "cpu") -> str:
+    """`gpt2 bench`: on the CPU this engine fp32, int8 and packed bf16 (where the CPU has native bf16); on CUDA fp16
+    and fp32 (`cuda_engines`); on seeded random weights, against the weight-streaming bound. The comparisons with
+    other engines are benchmarks/bench_generation.py's.
 
     Returns the report (a markdown table and the weight-streaming bound per size).
     """
-    import importlib.util
-
-    from tqdm import tqdm
-
-    from .packed_linear import bf16_packing_available
-
     on_gpu = device == "cuda"
     torch.set_num_threads(threads)
-    with_transformers = with_transformers and importlib.util.find_spec("transformers") is not None
     sizes, batches = list(sizes), list(batches)
-    n_engines = (2 if on_gpu else 2 + bf16_packing_available()) + with_transformers
+    n_engines = 2 if on_gpu else 2 + bf16_packing_available()
     bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
                disable=not progress, leave=False)
     header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "x sustained",
@@ -521,25 +378,15 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
     where = torch.cuda.get_device_name() if on_gpu else f"{threads} threads, fp32 unless named"
     notes = [f"torch {torch.__version__}, {where}; prompt {prompt_len} tokens, {n_new} new greedy tokens, median of "
              f"{repeats} interleaved repeats; seeded random weights"]
-    if not with_transformers:
-        notes.append("transformers not installed: this engine only (pip install 'dialogpt-engine[bench]')")
     if not on_gpu:
-        notes.append(f"this engine's {cpu_kernels.status()}")  # built before the timings, if at all
+        notes.append(f"this engine's {build.status()}")  # built before the timings, if at all
     if not on_gpu and not bf16_packing_available():
         notes.append(BF16_SKIPPED)
+    reference_name = "this engine fp32" if on_gpu else "this engine"  # the others' agreement is measured against it
     for size in sizes:
         config = SIZES[size]
-        if with_transformers:
-            hf_model, model = reference_pair(config)
-        else:
-            hf_model, model = None, random_model(config)
-        if on_gpu:
-            engines = cuda_engines(hf_model, model)
-        else:
-            engines = [this_engine(model), *low_precision_engines(model)]
-            if hf_model is not None:
-                engines.append(transformers_engine(hf_model, "sdpa"))
-        reference_name = engines[-1].name if hf_model is not None else engines[0].name  # named in the notes
+        model = random_model(config)
+        engines = cuda_engines(model) if on_gpu else [this_engine(model), *low_precision_engines(model)]
         probe = CudaBoundProbe(config) if on_gpu else BoundProbe(config, sustained_calls=n_new - 1)
         size_rows = []
         for batch in batches:
@@ -570,5 +417,5 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
     notes.append(f"agreement: share of generated tokens matching {reference_name} before the first divergence; "
                  "x bound: batch-1 decode step / the weight-streaming bound sampled just before it, median over "
                  "the repeats; x sustained: the same over the sustained bound, as a decode of as many steps would get "
-                 "it were each step that GEMV")
+                 "it were each step that GEMV; other engines: benchmarks/bench_generation.py")
     return format_table(header, rows) + "\n\n" + "\n".join(notes)

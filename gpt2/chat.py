@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .generation import DecodeFn, continue_from_cache, generation_cache, prefill
+from .dispatch import DecodeFn, generation_cache
+from .generation import continue_from_cache, prefill
 from .mmi import MMIReranker, check_same_vocabulary
 from .sampling import SEED_RANGE, SamplingParams, check_seed
 

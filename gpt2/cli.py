@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from .backend import BACKENDS
+from .bench import quick_bench
 from .chat import CHAT_DEFAULTS, DEFAULT_MAX_HISTORY_TOKENS, Chat, ChatNotice
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import DTYPES, ConvertError, convert
+from .dispatch import BACKENDS
 from .loading import load
 from .model import GPT2
 from .sampling import SamplingParams
@@ -225,11 +226,11 @@ def _chat_loop(chat: Chat, interactive: bool) -> None:
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time generation on this machine (seeded random weights, no download)",
-                       description="Time this engine (CPU: fp32, int8, bf16; CUDA: fp16, fp32; transformers too when "
-                                   "installed) on seeded random weights of the DialoGPT shapes: prefill, decode per "
-                                   "step, tokens/s, against the machine's weight-streaming bound. The full "
-                                   "comparisons are benchmarks/bench_generation.py (CPU, with CTranslate2 and "
-                                   "torch.compile) and benchmarks/bench_generation_cuda.py.")
+                       description="Time this engine (CPU: fp32, int8, bf16; CUDA: fp16, fp32) on seeded random "
+                                   "weights of the DialoGPT shapes: prefill, decode per step, tokens/s, against the "
+                                   "machine's weight-streaming bound. The comparisons with other engines are "
+                                   "`python -m benchmarks.bench_generation` (CPU: transformers, CTranslate2, "
+                                   "torch.compile) and `python -m benchmarks.bench_generation_cuda` in a checkout.")
     p.add_argument("--sizes", nargs="+", choices=["tiny", "small", "medium"], default=["small"],
                    help="model shapes (default: small)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
@@ -239,15 +240,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: fp32, int8 and bf16 paths; cuda: fp16 and fp32 with CUDA-graph decode (default: cpu)")
-    p.add_argument("--no-transformers", dest="with_transformers", action="store_false",
-                   help="skip transformers even if it is installed")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import quick_bench
-
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_len < 1 or min(args.batch) < 1:
         print("gpt2 bench: error: --new-tokens must be >= 2; --repeats, --prompt-len and --batch >= 1",
               file=sys.stderr)
@@ -256,7 +253,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("gpt2 bench: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
     print(quick_bench(args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.threads,
-                      args.with_transformers, args.progress, args.device))
+                      args.progress, args.device))
     return 0
 
 

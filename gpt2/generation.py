@@ -6,27 +6,24 @@ every row generates exactly what it would alone (bf16 and int8 logits may differ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from .cpu_decode_step import CpuDecodeStep
-from .decode_graph import StaticDecodeStep, cuda_graphs_enabled
+from .dispatch import DecodeFn, decode_step_for, generation_cache
 from .kv_cache import KVCache
 from .sampling import NGramBans, RandomStreams, SamplingParams, apply_repetition_penalty, choose_next
 
 if TYPE_CHECKING:
     from .model import GPT2
 
+
 class NonFiniteLogitsError(RuntimeError):
     """The model's logits held NaN or inf: no token chosen from them would mean anything."""
 
 
 TokenCallback = Callable[[int, int], None]  # (row, token) as each new token is chosen
-DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # tokens (B,) -> logits (B, V), appending to a cache
 
 
 def check_finite(logits: torch.Tensor, step: int, finished: list[bool]) -> None:
@@ -79,31 +76,6 @@ def prefill(model: GPT2, cache: KVCache, rows: list[list[int]]) -> torch.Tensor:
     return model(ids, cache=cache, n_new=[len(r) for r in rows], last_only=True)
 
 
-def decode_one_token(model: GPT2, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens (B,) -> logits (B, V) for the next position of every row."""
-    return model(tokens[:, None], cache=cache, last_only=True)
-
-
-def decoder_for(model: GPT2, cache: KVCache) -> DecodeFn:
-    """The decode step over cache: replayed from a CUDA graph captured for it on CUDA, one C call where the CPU's
-    kernels take the whole step (`gpt2.cpu_decode_step`), else the model's forward."""
-    if cuda_graphs_enabled(model):
-        return StaticDecodeStep(model, cache, use_graph=True)
-    return CpuDecodeStep.build(model, cache) or partial(decode_one_token, model, cache)
-
-
-@contextmanager
-def generation_cache(model: GPT2, batch_size: int, max_len: int) -> Iterator[tuple[KVCache, DecodeFn]]:
-    """An empty cache for one generation and its decode step: on CUDA a pooled cache whose captured graph is
-    reused from earlier calls of the same shape (see `gpt2.decode_graph.DecodeGraphPool`), else a new cache."""
-    if cuda_graphs_enabled(model):
-        with model.decode_graphs.lease(model, batch_size, max_len) as (cache, step):
-            yield cache, step
-    else:
-        cache = model.new_cache(batch_size, max_len)
-        yield cache, decoder_for(model, cache)
-
-
 @torch.inference_mode()
 def generate(
     model: GPT2,
@@ -147,7 +119,7 @@ def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histo
     so it is not in the cache when this returns. The caller has checked the cache has room for
     params.max_new_tokens - 1 more tokens per row. Sampling draws from one stream seeded by params.seed,
     or from row_generators, each row's own (see `choose_next`). decode runs the step over cache (default:
-    `decoder_for(model, cache)`).
+    `gpt2.dispatch.decode_step_for`).
     """
     device = model.device
     batch, vocab_size = logits.shape
@@ -163,7 +135,7 @@ def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histo
     bans = NGramBans(params.no_repeat_ngram_size, histories) if params.no_repeat_ngram_size > 0 else None
 
     if decode is None:
-        decode = decoder_for(model, cache)
+        decode = decode_step_for(model, cache)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
     for step in range(params.max_new_tokens):

@@ -7,7 +7,6 @@ HF_HUB_OFFLINE), converted once into the engine cache ($GPT2_ENGINE_CACHE, defau
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -15,10 +14,11 @@ import torch
 
 from .checkpoint import CheckpointError, is_engine_dir, read_checkpoint
 from .convert import DestinationExistsError, convert
-from .huge_pages import huge_page_weights
+from .cpu.bf16_linear import pack_bf16, why_not_packable
+from .cpu.huge_pages import huge_page_weights
+from .cpu.int8_linear import quantize_int8
 from .model import GPT2
-from .packed_linear import pack_bf16, why_not_packable
-from .quantize import quantize_int8
+from .paths import engine_cache_dir
 from .tokenizer import tokenizer_for
 
 HUB_FILES = ["config.json", "vocab.json", "merges.txt"]  # fetched with the weights
@@ -73,11 +73,6 @@ def _check_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available on this machine")
     return device
-
-
-def engine_cache_dir() -> Path:
-    """Where hub checkpoints are converted to: $GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine."""
-    return Path(os.environ.get("GPT2_ENGINE_CACHE") or Path.home() / ".cache" / "dialogpt-engine")
 
 
 def _engine_dir_for_hub_id(repo_id: str) -> Path:

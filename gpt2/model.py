@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .backend import TorchBackend, select_backend
 from .config import GPT2Config
-from .decode_graph import DecodeGraphPool
+from .dispatch import select_backend
+from .generation import generate
 from .kv_cache import ForwardStep, KVCache
+from .scoring import score
 
 if TYPE_CHECKING:
+    from .backend import TorchBackend
     from .tokenizer import Tokenizer
 
 
@@ -93,7 +95,6 @@ class GPT2(nn.Module):
         self.lm_head: nn.Module | None = None  # None: tied to wte (logits = h wte^T); quantize/packing set their own
         self.backend_name = backend
         self._backend: tuple[torch.device, TorchBackend] | None = None
-        self.decode_graphs = DecodeGraphPool()  # captured CUDA-graph decode steps, reused across generate calls
 
     @property
     def backend(self) -> TorchBackend:
@@ -193,12 +194,8 @@ class GPT2(nn.Module):
 
     def generate(self, prompts: list[list[int]] | torch.Tensor, **kwargs: Any) -> list[list[int]]:
         """New tokens for each prompt; see `gpt2.generation.generate` for the parameters."""
-        from .generation import generate
-
         return generate(self, prompts, **kwargs)
 
     def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         """Log-likelihood of each continuation given its context; see `gpt2.scoring.score`."""
-        from .scoring import score
-
         return score(self, contexts, continuations)

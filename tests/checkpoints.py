@@ -18,7 +18,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from gpt2 import bench
+from benchmarks import reference
 from gpt2.checkpoint import to_engine_state_dict
 from gpt2.config import GPT2Config
 from gpt2.model import GPT2
@@ -32,7 +32,7 @@ def make_reference_model(config: GPT2Config | str, seed: int = 0) -> transformer
     """A randomly initialised (seeded) fp32 GPT2LMHeadModel in eval mode with config's sizes, eager attention."""
     if isinstance(config, str):
         config = GPT2Config.from_preset(config)
-    return bench.make_reference_model(config, seed, attn_implementation="eager")
+    return reference.make_reference_model(config, seed, attn_implementation="eager")
 
 
 def engine_twin(reference: transformers.GPT2LMHeadModel, backend: str | None = None) -> GPT2:

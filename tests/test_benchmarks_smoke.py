@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from gpt2_kernels.interpreter import interpreter_problem
-from gpt2 import cpu_kernels
+from gpt2.cpu import build
 from gpt2.bench import SIZES, BoundProbe, Engine, Timing, agreement, format_table, measure, paired_prefill_ratios
 from gpt2.cli import main
-from gpt2.packed_linear import bf16_packing_available
+from gpt2.cpu.bf16_linear import bf16_packing_available
 
 REPO = Path(__file__).resolve().parent.parent
 INTERPRETER_PROBLEM = interpreter_problem()  # Triton's interpreter cannot run the kernels here
@@ -125,7 +125,7 @@ def test_measure_samples_the_bound_just_before_each_decode():
 def test_bound_probe_keeps_the_fastest_kernel_of_each_sample():
     probe = BoundProbe(SIZES["tiny"], repeats=1)
     assert len(probe.samples_ms) == 1 and probe.sample_kernels[0] in probe.kernels
-    if cpu_kernels.library() is not None:  # this engine's own GEMV is among those the bound takes the fastest of
+    if build.library() is not None:  # this engine's own GEMV is among those the bound takes the fastest of
         assert "small-batch matmul (C, this engine's)" in probe.kernels
     probe.kernels = {"slow": lambda: time.sleep(0.005), "fast": lambda: None}
     probe.sample(repeats=1)
@@ -160,7 +160,8 @@ def test_format_table():
 def test_ctranslate2_runs_in_worker_processes(tmp_path):
     pytest.importorskip("ctranslate2")
     from benchmarks.ctranslate2_engine import ctranslate2_engines
-    from gpt2.bench import SIZES, reference_pair
+    from benchmarks.reference import reference_pair
+    from gpt2.bench import SIZES
 
     hf_model, model = reference_pair(SIZES["tiny"])
     engines = ctranslate2_engines(hf_model, tmp_path, threads=1)

@@ -310,5 +310,5 @@ def test_chats_through_the_decode_graph_pool_reply_the_same(monkeypatch, greedy)
         return replies + Chat.say_many([a, b], MESSAGES[2:4]) + [a.say(MESSAGES[4]), a.say(MESSAGES[5])]
 
     expected = conversation()
-    monkeypatch.setattr("gpt2.generation.cuda_graphs_enabled", lambda model: True)
+    monkeypatch.setattr("gpt2.dispatch.cuda_graphs_enabled", lambda model: True)
     assert conversation() == expected

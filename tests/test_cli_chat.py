@@ -17,8 +17,8 @@ import torch
 import gpt2
 from gpt2 import Chat, ChatNotice
 from gpt2.cli import main
-from gpt2.packed_linear import PackedLinear, bf16_packing_available
-from gpt2.quantize import Int8Linear
+from gpt2.cpu.bf16_linear import PackedLinear, bf16_packing_available
+from gpt2.cpu.int8_linear import Int8Linear
 from tests.checkpoints import make_reference_model, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -167,6 +167,6 @@ def test_command_line_entry_points(checkpoints, tmp_path):
     done = _run("-m", "gpt2.cli", "convert", str(checkpoints["hf-bin-fp16"]), str(dst), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"wrote {dst}\n" and is_engine_dir(dst)
-    refused = _run("tools/convert.py", str(checkpoints["hf-bin-fp16"]), str(dst))
+    refused = _run("-m", "gpt2.cli", "convert", str(checkpoints["hf-bin-fp16"]), str(dst))
     assert refused.returncode == 2
     assert refused.stderr.startswith("gpt2 convert: error: destination") and "Traceback" not in refused.stderr

@@ -13,14 +13,16 @@ from functools import partial
 import pytest
 import torch
 
-from gpt2 import cpu_kernels, generation
-from gpt2.cpu_decode_step import CpuDecodeStep
-from gpt2.generation import decode_one_token, prefill
+from gpt2 import dispatch
+from gpt2.cpu import build
+from gpt2.cpu.decode_step import CpuDecodeStep
+from gpt2.dispatch import decode_one_token
+from gpt2.generation import prefill
 from tests.checkpoints import engine_twin
 from tests.test_decode_blocks import CONFIGS, assert_close, model_for
 
-pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
-                                reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(build.unavailable_reason() is not None,
+                                reason=f"C kernels unavailable: {build.unavailable_reason()}")
 
 
 def prompts_of(lengths: list[int]) -> list[list[int]]:
@@ -99,8 +101,8 @@ def test_applies_only_where_it_can():
     with torch.inference_mode():
         assert CpuDecodeStep.build(model, model.new_cache(16, 8)) is not None
         assert CpuDecodeStep.build(model, model.new_cache(17, 8)) is None  # past the small-batch kernel's rows
-        assert isinstance(generation.decoder_for(model, model.new_cache(16, 8)), CpuDecodeStep)
-        assert not isinstance(generation.decoder_for(model, model.new_cache(17, 8)), CpuDecodeStep)
+        assert isinstance(dispatch.decode_step_for(model, model.new_cache(16, 8)), CpuDecodeStep)
+        assert not isinstance(dispatch.decode_step_for(model, model.new_cache(17, 8)), CpuDecodeStep)
         model.lm_head = torch.nn.Linear(64, 500)  # an lm_head with a bias
         assert CpuDecodeStep.build(model, model.new_cache(1, 8)) is None
         model.lm_head = None
@@ -124,18 +126,18 @@ def test_an_lm_head_of_its_own_is_used():
     assert_close(fast, forward)
 
 
-needs_int8_step = pytest.mark.skipif(not cpu_kernels.int8_available(), reason="no avx512_vnni on this CPU")
+needs_int8_step = pytest.mark.skipif(not build.int8_available(), reason="no avx512_vnni on this CPU")
 
 
 def int8_model(name: str) -> torch.nn.Module:
-    from gpt2.quantize import quantize_int8
+    from gpt2.cpu.int8_linear import quantize_int8
 
     return quantize_int8(model_for(name))
 
 
-@pytest.mark.skipif(cpu_kernels.int8_available(), reason="this CPU runs the int8 step")
+@pytest.mark.skipif(build.int8_available(), reason="this CPU runs the int8 step")
 def test_an_int8_model_keeps_the_forward_without_vnni():
-    from gpt2.quantize import int8_available
+    from gpt2.cpu.int8_linear import int8_available
 
     if not int8_available():
         pytest.skip("no int8 kernels in this torch")
@@ -215,7 +217,7 @@ def test_weights_are_read_when_it_is_built(how):
 
 
 
-needs_bf16 = pytest.mark.skipif(not cpu_kernels.bf16_available(), reason="no avx512_bf16 on this CPU")
+needs_bf16 = pytest.mark.skipif(not build.bf16_available(), reason="no avx512_bf16 on this CPU")
 
 
 def rel_rms(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -240,7 +242,7 @@ def test_bf16_step_is_as_near_fp32_as_torchs_bf16(reference_model, token_ids, pa
     """The bound of tests/test_packed_linear.py: the logits' relative RMS error against the fp32 reference at most twice
     that of transformers' model cast to bf16. The C step rounds less than torch's bf16 ops (its residual stream stays
     fp32), so it is nearer than the forward's bf16 decode steps; both are held to that bound."""
-    from gpt2.packed_linear import pack_bf16
+    from gpt2.cpu.bf16_linear import pack_bf16
 
     prompt_len = 4
     model = engine_twin(reference_model).to(torch.bfloat16)
@@ -259,7 +261,7 @@ def test_bf16_step_is_as_near_fp32_as_torchs_bf16(reference_model, token_ids, pa
 
 @needs_bf16
 def test_bf16_generation_runs_on_it(reference_model, monkeypatch):
-    from gpt2.packed_linear import pack_bf16
+    from gpt2.cpu.bf16_linear import pack_bf16
 
     model = pack_bf16(engine_twin(reference_model).to(torch.bfloat16))
     built = []

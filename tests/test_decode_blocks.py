@@ -13,12 +13,12 @@ import weakref
 import pytest
 import torch
 
-from gpt2 import cpu_kernels, decode_blocks
 from gpt2.bench import random_model
+from gpt2.cpu import build, decode_blocks
 from gpt2.config import GPT2Config
 
-pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
-                                reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(build.unavailable_reason() is not None,
+                                reason=f"C kernels unavailable: {build.unavailable_reason()}")
 
 CONFIGS = {  # head_dim 16, 48 and 64 (GPT-2's): one, three and four vectors per head
     "64x4": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=500),
@@ -128,7 +128,7 @@ def test_applies_only_where_it_can():
 
 
 def test_a_quantized_block_keeps_the_torch_path():
-    from gpt2.quantize import int8_available, quantize_int8
+    from gpt2.cpu.int8_linear import int8_available, quantize_int8
 
     if not int8_available():
         pytest.skip("no int8 kernels in this torch")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gpt2 import GPT2, GPT2Config
-from gpt2.decode_graph import StaticDecodeStep
-from gpt2.generation import decode_one_token, prefill
+from gpt2.cuda.decode_graph import StaticDecodeStep
+from gpt2.dispatch import decode_one_token, graph_pool
+from gpt2.generation import prefill
 
 FP32_ATOL = 1e-4
 CONFIG = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=300)
@@ -49,7 +50,7 @@ def test_static_decode_refuses_a_full_cache():
 
 def test_pool_lends_one_cache_and_step_per_shape():
     model = GPT2(CONFIG).eval()
-    pool = model.decode_graphs
+    pool = graph_pool(model)
     with pool.lease(model, 2, 20) as (cache, step):
         assert cache.max_len == CONFIG.n_positions  # 20 rounded up to the bucket, capped at n_positions
         cache.lengths = [5, 3]
@@ -80,14 +81,14 @@ def test_generation_through_the_pool_matches_plain_decoding(device, backend, mon
     expected = [model.generate(prompts, max_new_tokens=8, eos_token_id=None) for prompts in calls]
     monkeypatch.setenv("GPT2_CUDA_GRAPHS", "1")
     if device == "cpu":
-        monkeypatch.setattr("gpt2.generation.cuda_graphs_enabled", lambda model: True)
+        monkeypatch.setattr("gpt2.dispatch.cuda_graphs_enabled", lambda model: True)
     assert [model.generate(prompts, max_new_tokens=8, eos_token_id=None) for prompts in calls] == expected
-    assert len(model.decode_graphs) == 1  # one shape: one cache and step served every call
+    assert len(graph_pool(model)) == 1  # one shape: one cache and step served every call
 
 
 def test_pool_keeps_its_caches_within_a_byte_budget():
     model = GPT2(CONFIG).eval()
-    pool = model.decode_graphs
+    pool = graph_pool(model)
     caches = {}
     for batch in (1, 2):
         with pool.lease(model, batch, 20) as (cache, _):

@@ -8,7 +8,7 @@ import mmap
 import pytest
 import torch
 
-from gpt2.huge_pages import collapse_into_huge_pages, huge_page_copy, huge_page_weights
+from gpt2.cpu.huge_pages import collapse_into_huge_pages, huge_page_copy, huge_page_weights
 
 
 def test_large_tensors_are_copied_aligned_and_small_ones_kept():

@@ -74,7 +74,7 @@ def test_greedy_generation_matches_torch(models):
 def test_small_eager_steps_on_cuda_run_torch_ops():
     """The Triton backend hands a small eager step on CUDA to torch's ops; captured steps, large chunks and the
     interpreter (the CPU) keep the kernels. Checked on step descriptions alone, so it runs without a GPU."""
-    from gpt2.backend import TritonBackend
+    from gpt2.cuda.triton_backend import TritonBackend
 
     backend = TritonBackend()
     eager = ForwardStep.build([0, 0], [16, 16], 16, CONFIG.n_positions, "cpu")
@@ -87,7 +87,7 @@ def test_small_eager_steps_on_cuda_run_torch_ops():
 
 
 def test_triton_where_it_cannot_run_is_an_error(monkeypatch):
-    from gpt2.backend import select_backend
+    from gpt2.dispatch import select_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="cannot run on device 'cpu'"):
@@ -100,7 +100,7 @@ def test_triton_on_an_interpreter_that_cannot_run_the_kernels_is_an_error(monkey
     """Triton < 3.7 with numpy >= 2.4 fails inside the kernels' loops; the backend says so up front."""
     from types import SimpleNamespace
 
-    from gpt2.backend import select_backend
+    from gpt2.dispatch import select_backend
     from gpt2_kernels import interpreter
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import gpt2
-from gpt2 import small_batch_matmul
-from gpt2.packed_linear import PackedLinear, bf16_packing_available, pack_bf16
+from gpt2.cpu import small_batch_matmul
+from gpt2.cpu.bf16_linear import PackedLinear, bf16_packing_available, pack_bf16
 from tests.checkpoints import engine_twin
 
 pytestmark = pytest.mark.skipif(not bf16_packing_available(), reason="no native bf16 in oneDNN on this CPU")

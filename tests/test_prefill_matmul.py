@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2 import cpu_kernels, prefill_matmul
+from gpt2.cpu import build, prefill_matmul
 from tests.linear_reference import check_matches_linear
 
-pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
-                                reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(build.unavailable_reason() is not None,
+                                reason=f"C kernels unavailable: {build.unavailable_reason()}")
 
 
 # (out, in) features; inputs over 1024 wide are summed in slices of 512: 3072 in six, 1040 in two and a partial one
@@ -48,19 +48,19 @@ def test_applies_where_it_beats_onednn_on_each_instruction_set(monkeypatch):
     """The limits measured for each instruction set the kernels are built for, and for an Intel CPU with AVX-512
     (prefill_matmul's docstring)."""
     wide_input, square = torch.randn(8, 3072), torch.randn(768, 768)
-    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: ("AuthenticAMD", "25"))
-    monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX-512")
+    monkeypatch.setattr(build, "cpu_kind", lambda: ("AuthenticAMD", "25"))
+    monkeypatch.setattr(build, "instruction_set", lambda: "AVX-512")
     assert prefill_matmul.applies(torch.randn(64, 3072), wide_input, None)
     assert not prefill_matmul.applies(torch.randn(65, 3072), wide_input, None)  # oneDNN's GEMM is faster
     assert prefill_matmul.applies(torch.randn(8, 32, 768), square, None)  # x of 256 x 768 floats
     assert not prefill_matmul.applies(torch.randn(257, 768), square, None)
-    monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX2")
+    monkeypatch.setattr(build, "instruction_set", lambda: "AVX2")
     assert prefill_matmul.applies(torch.randn(1024, 3072), wide_input, None)
     assert prefill_matmul.applies(torch.randn(8, 32, 768), square, None)
     assert not prefill_matmul.applies(torch.randn(1025, 768), square, None)  # unmeasured: oneDNN's
-    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: ("GenuineIntel", "6"))
+    monkeypatch.setattr(build, "cpu_kind", lambda: ("GenuineIntel", "6"))
     assert prefill_matmul.applies(torch.randn(8, 32, 768), square, None)  # AVX2: the instruction set's limits
-    monkeypatch.setattr(cpu_kernels, "instruction_set", lambda: "AVX-512")
+    monkeypatch.setattr(build, "instruction_set", lambda: "AVX-512")
     assert prefill_matmul.applies(torch.randn(64, 3072), wide_input, None)
     assert not prefill_matmul.applies(torch.randn(65, 768), square, None)  # oneDNN's GEMM near the FMA peak
 

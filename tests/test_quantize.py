@@ -17,8 +17,8 @@ import copy
 import pytest
 import torch
 
-from gpt2 import cpu_kernels
-from gpt2.quantize import Int8Linear, quantize_int8
+from gpt2.cpu import build
+from gpt2.cpu.int8_linear import Int8Linear, quantize_int8
 from tests.checkpoints import engine_twin
 
 REL_RMS_BOUND = 0.06
@@ -111,7 +111,7 @@ def test_load_with_quantize_int8(checkpoints):
         gpt2.load(checkpoints["hf-safetensors"], dtype=torch.bfloat16, quantize="int8")
 
 
-@pytest.mark.skipif(not cpu_kernels.int8_available(), reason="no avx512_vnni on this CPU")
+@pytest.mark.skipif(not build.int8_available(), reason="no avx512_vnni on this CPU")
 @pytest.mark.parametrize("n_rows", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("out_features, in_features", [(33, 64), (17, 192), (260, 128)])
 @pytest.mark.parametrize("gelu", [False, True])
@@ -127,7 +127,7 @@ def test_the_c_step_matmul_is_fbgemms_row_by_row(n_rows, out_features, in_featur
     if n_rows > 1:
         x[1] = 0.0  # a zero range: fbgemm's fallback scale
     y = torch.empty(n_rows, out_features)
-    status = cpu_kernels.library().small_batch_matmul_int8(layer.step_weight.data_ptr(), layer.step_rows.data_ptr(),
+    status = build.library().small_batch_matmul_int8(layer.step_weight.data_ptr(), layer.step_rows.data_ptr(),
                                                            x.data_ptr(), y.data_ptr(), n_rows, out_features,
                                                            in_features, gelu)
     expected = torch.cat([layer(x[j:j + 1]) for j in range(n_rows)])

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import cpu_kernels, small_batch_matmul
+from gpt2.cpu import build, small_batch_matmul
 from tests.linear_reference import check_matches_linear
 
-needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
-                                  reason=f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(build.unavailable_reason() is not None,
+                                  reason=f"C kernels unavailable: {build.unavailable_reason()}")
 
 
 @needs_kernel
@@ -63,7 +63,7 @@ def test_fused_gelu_is_as_exact_as_torchs():
     assert relative(got) <= relative(torch_fp32)
 
 
-needs_bf16_kernel = pytest.mark.skipif(not cpu_kernels.bf16_available(),
+needs_bf16_kernel = pytest.mark.skipif(not build.bf16_available(),
                                        reason="the bf16 kernel needs the C kernels and a CPU with avx512_bf16")
 
 

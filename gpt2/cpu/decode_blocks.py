@@ -36,16 +36,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from . import cpu_attention, cpu_kernels, small_batch_matmul
-from .kv_cache import ForwardStep, KVCache
+from ..kv_cache import ForwardStep, KVCache
+from . import attention, build, small_batch_matmul
 
 if TYPE_CHECKING:
-    from .config import GPT2Config
-    from .model import GPT2
+    from ..config import GPT2Config
+    from ..model import GPT2
 
 MAX_ROWS = small_batch_matmul.MAX_ROWS  # each block's matmuls run on the small-batch kernel
 ELEMENTS_MULTIPLE = 16  # head_dim: the kernels read heads in 16-element vectors
-MAX_HEAD_DIM = cpu_attention.MAX_HEAD_DIM  # each block's attention runs on that kernel
+MAX_HEAD_DIM = attention.MAX_HEAD_DIM  # each block's attention runs on that kernel
 
 
 class BlockWeights(ctypes.Structure):
@@ -145,7 +145,7 @@ def plan_for(model: GPT2, x: torch.Tensor, step: ForwardStep, cache: KVCache | N
             and step.chunk_len == 1 and x.shape[0] == cache.batch_size
             and takes_cache(model.config, cache, torch.float32)
             and step.q_start.dtype == step.kv_len.dtype == torch.int32
-            and cpu_kernels.library() is not None):
+            and build.library() is not None):
         return None
     return _weights_plan(model)
 
@@ -154,7 +154,7 @@ def run(plan: Plan, model: GPT2, x: torch.Tensor, normed: torch.Tensor, step: Fo
     """Every block over x (B, 1, C), the residual stream, and normed = h[0].ln_1(x), both contiguous and updated in
     place: x to the last block's output, normed to ln_f of it. Writes each row's new key and value to the cache."""
     config = model.config
-    status = cpu_kernels.library().decode_blocks_f32(
+    status = build.library().decode_blocks_f32(
         plan.weights, len(model.h), x.data_ptr(), normed.data_ptr(), x.shape[0], config.n_embd, config.n_head,
         cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, step.q_start.data_ptr(), step.kv_len.data_ptr(),
         config.layer_norm_epsilon)

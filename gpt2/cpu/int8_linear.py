@@ -31,17 +31,20 @@ RMS error against fp32). On an Intel Xeon, 2 threads, the step against the forwa
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import cpu_kernels
-from .cpu_packed import CpuPackedLinear
-from .model import GPT2
+from . import build
+from .packed import CpuPackedLinear
+
+if TYPE_CHECKING:
+    from ..model import GPT2
 
 
 def cpu_has_vnni() -> bool:
     """AVX-512 VNNI or AVX-VNNI (False where /proc/cpuinfo cannot be read)."""
-    return bool({"avx512_vnni", "avx_vnni"} & cpu_kernels.cpu_flags())
+    return bool({"avx512_vnni", "avx_vnni"} & build.cpu_flags())
 
 
 def int8_available() -> bool:
@@ -78,7 +81,7 @@ class Int8Linear(CpuPackedLinear):
         # one, and each row's scale, bias and sum of its int8 values (out, 3) (csrc/int8.h's int8_row)
         self.step_weight: torch.Tensor | None = None
         self.step_rows: torch.Tensor | None = None
-        if cpu_kernels.int8_available():
+        if build.int8_available():
             self.step_weight = quantized.int_repr()
             bias_values = torch.zeros(self.out_features) if bias is None else bias.detach().float()
             self.step_rows = torch.stack([scales.float(), bias_values, self.step_weight.sum(dim=1).float()], dim=1)

@@ -24,22 +24,15 @@ and a single query per row (a decode step) always.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from . import cpu_kernels
-from .kv_cache import ForwardStep
+from ..kv_cache import ForwardStep
+from . import build
+from .build import AttentionStrides
 
 ELEMENTS_MULTIPLE = 16  # head_dim: the kernel reads heads in 16-float vectors
 MAX_HEAD_DIM = 256  # ATTENTION_MAX_HEAD_DIM in csrc/attention_f32.h
 MAX_AVERAGE_KEYS = 256  # a chunk of several queries reading more keys each, on average, runs on SDPA (see above)
-
-
-class AttentionStrides(ctypes.Structure):
-    """`attention_strides` in csrc/attention_f32.h: element strides of a (B, H, T, D) tensor's first three dims."""
-
-    _fields_ = [("b", ctypes.c_long), ("h", ctypes.c_long), ("t", ctypes.c_long)]
 
 
 def _strides(t: torch.Tensor) -> AttentionStrides:
@@ -57,7 +50,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep
             and D % ELEMENTS_MULTIPLE == 0 and D <= MAX_HEAD_DIM and k.shape[2] >= step.kv_span
             and step.q_start.dtype == step.kv_len.dtype == torch.int32
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and cpu_kernels.library() is not None)
+            and build.library() is not None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> torch.Tensor:
@@ -66,7 +59,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: ForwardSt
     B, H, T, D = q.shape
     out = torch.empty(B, T, H, D, dtype=torch.float32).transpose(1, 2)  # (B, H, T, D)
     q_start, kv_len = step.q_start.contiguous(), step.kv_len.contiguous()
-    status = cpu_kernels.library().attention_f32(
+    status = build.library().attention_f32(
         q.data_ptr(), _strides(q), k.data_ptr(), v.data_ptr(), _strides(k), q_start.data_ptr(), kv_len.data_ptr(),
         out.data_ptr(), _strides(out), B, H, T, k.shape[2], D)
     if status == -2:

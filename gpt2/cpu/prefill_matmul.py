@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_kernels, small_batch_matmul
+from . import build, small_batch_matmul
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,14 @@ class Limits:
     max_input_floats: int  # more rows while x holds at most this many floats
 
 
-LIMITS = {"AVX-512": Limits(64, 256 * 768), "AVX2": Limits(1024, 0)}  # by `cpu_kernels.instruction_set()`
-TUNED_LIMITS = {("GenuineIntel", "6", "AVX-512"): Limits(64, 0)}  # by `cpu_kernels.cpu_kind()` and instruction set
+LIMITS = {"AVX-512": Limits(64, 256 * 768), "AVX2": Limits(1024, 0)}  # by `build.instruction_set()`
+TUNED_LIMITS = {("GenuineIntel", "6", "AVX-512"): Limits(64, 0)}  # by `build.cpu_kind()` and instruction set
 
 
 def limits() -> Limits:
     """This CPU's limits: its own (`TUNED_LIMITS`) where measured, else its instruction set's."""
-    isa = cpu_kernels.instruction_set()
-    return TUNED_LIMITS.get((*cpu_kernels.cpu_kind(), isa), LIMITS[isa])
+    isa = build.instruction_set()
+    return TUNED_LIMITS.get((*build.cpu_kind(), isa), LIMITS[isa])
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -94,4 +94,4 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """x (..., in) of more than 16 rows, weight (out, in), bias (out,) or None -> x W^T + b, (..., out), through
     gelu_new with gelu (computed as x / (1 + exp(-2u)), within 1e-6 of torch's tanh form); see `applies`."""
-    return small_batch_matmul.run_matmul_kernel(cpu_kernels.library().prefill_matmul_f32, x, weight, bias, gelu)
+    return small_batch_matmul.run_matmul_kernel(build.library().prefill_matmul_f32, x, weight, bias, gelu)

@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import cpu_kernels
+from . import build
 
 MAX_ROWS = 16  # input rows the kernel takes (SMALL_BATCH_MAX_ROWS in csrc/small_batch_matmul.h)
 VECTOR_BYTES = 64  # the kernels read each row of x and W in 64-byte vectors: 16 fp32 or 32 bf16 elements
@@ -66,14 +66,14 @@ def kernel_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
              and x.shape[-1] == cols and cols * weight.element_size() % VECTOR_BYTES == 0
              and (bias is None or bias.dtype == dtype)
              and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-             and (cpu_kernels.bf16_available() if dtype == torch.bfloat16 else cpu_kernels.library() is not None))
+             and (build.bf16_available() if dtype == torch.bfloat16 else build.library() is not None))
     return x.numel() // cols if takes else 0
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """x (..., in) of 1-16 rows, weight (out, in), bias (out,) or None -> x W^T + b, (..., out), through gelu_new
     with gelu (computed as x / (1 + exp(-2u)), within 1e-6 of torch's tanh form); see `applies`."""
-    return run_matmul_kernel(cpu_kernels.library().small_batch_matmul_f32, x, weight, bias, gelu)
+    return run_matmul_kernel(build.library().small_batch_matmul_f32, x, weight, bias, gelu)
 
 
 def applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -85,7 +85,7 @@ def applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def matmul_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """x (..., in) bf16 of 1-16 rows, weight (out, in) bf16, bias (out,) bf16 or None -> x W^T + b (..., out) bf16,
     summed in fp32 and rounded once, through gelu_new with gelu; see `applies_bf16`."""
-    return run_matmul_kernel(cpu_kernels.library().small_batch_matmul_bf16, x, weight, bias, gelu)
+    return run_matmul_kernel(build.library().small_batch_matmul_bf16, x, weight, bias, gelu)
 
 
 def run_matmul_kernel(kernel: Callable[..., int], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import engine_cache_dir
+
 SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
@@ -40,6 +42,12 @@ LIBRARY_STEM = "cpu_kernels"
 
 def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.c"))
+
+
+class AttentionStrides(ctypes.Structure):
+    """`attention_strides` in csrc/attention_f32.h: element strides of a (B, H, T, D) tensor's first three dims."""
+
+    _fields_ = [("b", ctypes.c_long), ("h", ctypes.c_long), ("t", ctypes.c_long)]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -63,8 +71,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_step_int8.restype = ctypes.c_int
     lib.small_batch_matmul_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.small_batch_matmul_int8.restype = ctypes.c_int
-    from .cpu_attention import AttentionStrides  # imported here: cpu_attention imports this module
-
     lib.attention_f32.argtypes = [ctypes.c_void_p, AttentionStrides, ctypes.c_void_p, ctypes.c_void_p,
                                   AttentionStrides, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   AttentionStrides] + [ctypes.c_long] * 5
@@ -155,8 +161,6 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, float]:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return _unavailable(f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on PATH)")
-    from .loading import engine_cache_dir  # imported here: loading imports the model, which imports the backend
-
     content = b"".join(p.name.encode() + p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.is_file())
     command = [compiler, *FLAGS, *ISA_FLAGS[isa], *tuned_flags()]
     key = hashlib.sha256(content + " ".join(command).encode()).hexdigest()[:16]
@@ -263,4 +267,4 @@ def status() -> str:
     int8 = "int8 ones too" if int8_available() else "not int8's (no avx512_vnni on this CPU)"
     tuned = f"; {' '.join(tuned_flags())} for this CPU" if tuned_flags() else ""
     return (f"fp32 decode steps of 1-16 rows, prefill matmuls and attention: this engine's C kernels "
-            f"({instruction_set()}{tuned}), {bf16}, {int8} (gpt2/cpu_kernels.py; {built}, not in the timings)")
+            f"({instruction_set()}{tuned}), {bf16}, {int8} (gpt2/cpu/build.py; {built}, not in the timings)")

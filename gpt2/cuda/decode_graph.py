@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import ForwardStep, KVCache
+from ..kv_cache import ForwardStep, KVCache
 
 if TYPE_CHECKING:
-    from .model import GPT2
+    from ..model import GPT2
 
 
 def cuda_graphs_enabled(model: GPT2) -> bool:
@@ -106,9 +106,6 @@ class DecodeGraphPool:
         self._entries: OrderedDict[tuple[int, int], tuple[KVCache, StaticDecodeStep]] = OrderedDict()
         self._weights: tuple = ()
         self._lock = threading.Lock()
-
-    def __deepcopy__(self, memo: dict) -> DecodeGraphPool:
-        return DecodeGraphPool()  # graphs belong to the weights they were captured on: a copy starts empty
 
     def __len__(self) -> int:
         return len(self._entries)

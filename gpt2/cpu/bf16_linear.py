@@ -25,12 +25,16 @@ decode steps run on the plain weights in one C call per step (`gpt2.cpu_decode_s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import small_batch_matmul
-from .cpu_packed import CpuPackedLinear
 from .huge_pages import collapse_into_huge_pages, huge_page_copy
-from .model import GPT2
+from .packed import CpuPackedLinear
+
+if TYPE_CHECKING:
+    from ..model import GPT2
 
 PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the table above)
 

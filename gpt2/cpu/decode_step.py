@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from . import cpu_kernels, decode_blocks, small_batch_matmul
-from .kv_cache import KVCache
-from .quantize import Int8Linear
+from ..kv_cache import KVCache
+from . import build, decode_blocks, small_batch_matmul
+from .backend import CpuBackend
+from .int8_linear import Int8Linear
 
 if TYPE_CHECKING:
-    from .model import GPT2
+    from ..model import GPT2
 
 LM_HEAD_BIAS = 5  # the lm_head's bias in a step's tensors (see `_plan`), the one that may be None; the blocks' follow
 
@@ -76,14 +77,14 @@ def _plan(model: GPT2) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set
     dtype = model.dtype
     if isinstance(model.lm_head, Int8Linear):  # an int8 model (`gpt2.quantize`): int8 linears, fp32 otherwise
         lm_head, blocks = int8_tensors(model.lm_head), decode_blocks.block_tensors(model, int8_tensors)
-        if (not cpu_kernels.int8_available() or model.config.n_embd % small_batch_matmul.VECTOR_BYTES  # of int8
+        if (not build.int8_available() or model.config.n_embd % small_batch_matmul.VECTOR_BYTES  # of int8
                 or lm_head is None or blocks is None):
             return None
-        return cpu_kernels.library().decode_step_int8, [*head, *lm_head, *blocks], {torch.float32, torch.int8}
-    if dtype == torch.float32 and cpu_kernels.library() is not None:
-        kernel = cpu_kernels.library().decode_step_f32
-    elif dtype == torch.bfloat16 and cpu_kernels.bf16_available():
-        kernel = cpu_kernels.library().decode_step_bf16
+        return build.library().decode_step_int8, [*head, *lm_head, *blocks], {torch.float32, torch.int8}
+    if dtype == torch.float32 and build.library() is not None:
+        kernel = build.library().decode_step_f32
+    elif dtype == torch.bfloat16 and build.bf16_available():
+        kernel = build.library().decode_step_bf16
     else:
         return None
     blocks = decode_blocks.block_tensors(model)
@@ -120,8 +121,7 @@ class CpuDecodeStep:
     def build(cls, model: GPT2, cache: KVCache) -> CpuDecodeStep | None:
         """The C decode step over cache, or None where it does not apply (see the module docstring)."""
         dtype = model.dtype
-        if (model.device.type != "cpu" or model.backend.name != "torch"  # no build for a GPU's model
-                or not decode_blocks.takes_cache(model.config, cache, dtype)):
+        if not isinstance(model.backend, CpuBackend) or not decode_blocks.takes_cache(model.config, cache, dtype):
             return None
         plan = _plan(model)
         if plan is None:
