@@ -35,9 +35,9 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
          backend: str | None = None, quantize: str | None = None) -> GPT2:
     """The model (eval mode, on device, in dtype) with its tokenizer set as `model.tokenizer`.
 
-    quantize="int8": int8 linear layers on the CPU (`gpt2.quantize`), for an fp32 model.
+    quantize="int8": int8 linear layers on the CPU (`gpt2.cpu.int8_linear`), for an fp32 model.
     dtype=torch.bfloat16 on a CPU with native bf16 (avx512_bf16, AMX) packs the linear weights for oneDNN
-    (`gpt2.packed_linear`): about 2x faster than fp32 per decode step and per prefill.
+    (`gpt2.cpu.bf16_linear`): about 2x faster than fp32 per decode step and per prefill.
     """
     if dtype not in _LOAD_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; choose torch.float16, torch.bfloat16 or torch.float32")

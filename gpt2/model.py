@@ -165,7 +165,7 @@ class GPT2(nn.Module):
         """`forward` over an already planned step; leaves the cache's row lengths to the caller.
 
         For a dense step of one token per row it does no host work that depends on tensor values,
-        so a decode step can be captured in a CUDA graph (see `gpt2.decode_graph`).
+        so a decode step can be captured in a CUDA graph (see `gpt2.cuda.decode_graph`).
         """
         B, T = input_ids.shape
         x = self.wte(input_ids) + self.wpe(step.positions)  # (B, T, C)

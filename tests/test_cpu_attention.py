@@ -1,4 +1,4 @@
-"""The CPU fp32 attention kernel (gpt2/attention.py, gpt2/csrc/attention_f32.c) against torch's SDPA with the
+"""The CPU fp32 attention kernel (gpt2/attention.py, gpt2/cpu/csrc/attention_f32.c) against torch's SDPA with the
 model's masks (`TorchBackend.attention`'s other path): prefill chunks, ragged rows, chunks continuing a cache, single
 queries, rows adding nothing, and where it applies. Tolerance: 2e-6 absolute on outputs of values ~N(0, 1) (both
 fp32, different summation order and exp; measured up to 1.6e-6 at 128 keys)."""

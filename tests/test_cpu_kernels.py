@@ -1,4 +1,4 @@
-"""How the C kernels (gpt2/build.py, gpt2/csrc/) are built, cached, and reported when they cannot be used:
+"""How the C kernels (gpt2/build.py, gpt2/cpu/csrc/) are built, cached, and reported when they cannot be used:
 each way they can be unavailable leaves the model on torch's ops, with the reason."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""gpt2.huge_pages: weights copied into 2 MiB-aligned fresh memory keep their values and stay usable; memory
+"""gpt2.cpu.huge_pages: weights copied into 2 MiB-aligned fresh memory keep their values and stay usable; memory
 another library allocated is collapsed into huge pages in place."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bf16 linears packed for oneDNN (gpt2.packed_linear): the layers swapped, the logits as close to fp32 as torch's
+"""bf16 linears packed for oneDNN (gpt2.cpu.bf16_linear): the layers swapped, the logits as close to fp32 as torch's
 own bf16 path gets, and the packed model usable like any other (generate, score, copy) or refused clearly.
 
 The bound: packing, and the bf16 kernel decode steps run on, change only the order of the fp32 sums, so the model's

@@ -1,4 +1,4 @@
-"""The CPU prefill fp32 matmul kernel (gpt2/prefill_matmul.py, gpt2/csrc/prefill_matmul_f32.c) against F.linear (and
+"""The CPU prefill fp32 matmul kernel (gpt2/prefill_matmul.py, gpt2/cpu/csrc/prefill_matmul_f32.c) against F.linear (and
 F.gelu after it; tolerance in tests/linear_reference.py), and where it applies."""
 
 from __future__ import annotations

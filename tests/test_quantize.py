@@ -1,4 +1,4 @@
-"""Int8 quantization (gpt2.quantize): layers replaced, each layer within its rounding bound, logits close to fp32.
+"""Int8 quantization (gpt2.cpu.int8_linear): layers replaced, each layer within its rounding bound, logits close to fp32.
 
 The model bound. Per-output-channel symmetric int8 rounds each weight to a step s = max|w_row| / 127, an error
 uniform in +-s/2, so RMS s/sqrt(12). For a Gaussian row of K = 64..3072 weights max|w| is about 3-4 sigma,

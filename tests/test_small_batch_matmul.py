@@ -1,4 +1,4 @@
-"""The CPU small-batch fp32 matmul kernel (gpt2/small_batch_matmul.py, gpt2/csrc/small_batch_matmul_f32.c) against
+"""The CPU small-batch fp32 matmul kernel (gpt2/small_batch_matmul.py, gpt2/cpu/csrc/small_batch_matmul_f32.c) against
 F.linear (and F.gelu after it; tolerance in tests/linear_reference.py), where it applies, and its gelu_new."""
 
 from __future__ import annotations

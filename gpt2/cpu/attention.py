@@ -1,5 +1,5 @@
 """fp32 causal attention over the KV cache on the CPU, in C (`csrc/attention_f32.c`): prefill chunks above all, and
-decode steps outside `gpt2.decode_blocks` (whose one call runs the same kernel).
+decode steps outside `gpt2.cpu.decode_blocks` (whose one call runs the same kernel).
 
 torch's SDPA spends a DialoGPT prefill's attention mostly outside its arithmetic: 8 rows of 32 tokens over 12 heads
 of 64 took it 494-831 us a layer (416 us as separate matmul / mask / softmax / matmul ops) for 6 MFLOP. The C kernel

@@ -14,13 +14,13 @@ so the layout chosen for 8 rows serves every batch size, and the tied lm_head ge
 (at 1 row 2.1 ms against 4.1 ms plain). `pack_bf16` is applied by `gpt2.load(..., dtype=torch.bfloat16)`
 on CPUs where oneDNN runs bf16 natively.
 
-Calls of 1-16 rows (decode steps) go instead to this engine's bf16 kernel (`gpt2.small_batch_matmul.matmul_bf16`)
+Calls of 1-16 rows (decode steps) go instead to this engine's bf16 kernel (`gpt2.cpu.small_batch_matmul.matmul_bf16`)
 on the plain (out, in) weight, kept beside the packed one, where the kernels are built and the CPU has
 avx512_bf16: all DialoGPT-small decode matmuls at 1 row 10.4 ms against 15.2 packed, at 8 rows 11.9 against 19.1
 (that module's table). oneDNN keeps the longer calls, where its packed layout is the fastest (32 rows 31.8 ms
 against 47.6 on the plain one). So a packed bf16 model holds each block matrix twice, in bf16 (as much memory as
 its fp32 weights), and wte twice: the lm_head's plain weight is wte itself, beside its packed copy. A generation's
-decode steps run on the plain weights in one C call per step (`gpt2.cpu_decode_step`), not through these layers.
+decode steps run on the plain weights in one C call per step (`gpt2.cpu.decode_step`), not through these layers.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class PackedLinear(CpuPackedLinear):
         else:
             self.plain_weight = huge_page_copy(weight.to(torch.bfloat16).contiguous())
         self.weight = torch.ops.mkldnn._reorder_linear_weight(self.plain_weight, PACKED_FOR_ROWS)
-        if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step streams it: 2 MiB pages (gpt2.huge_pages)
+        if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step streams it: 2 MiB pages (gpt2.cpu.huge_pages)
             collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(self.weight), torch.ops.mkldnn._nbytes(self.weight))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
 

@@ -1,4 +1,4 @@
-"""This engine's C kernels for the CPU (`gpt2/csrc/`), built once with the system C compiler.
+"""This engine's C kernels for the CPU (`gpt2/cpu/csrc/`), built once with the system C compiler.
 
 The sources are compiled together (`cc -O3 -fopenmp` and the CPU's vector instructions, about 1.7 s) into one shared
 library in the engine cache's `kernels` directory ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine; kept private to

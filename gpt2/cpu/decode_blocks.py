@@ -17,11 +17,11 @@ and at the batch of an MMI chat's 10 candidates, and 16 (fastest of 15, another 
 and 53.6 -> 42.1 ms, medium 112.5 -> 91.0 ms and 136.8 -> 98.4 ms. With AVX2 (an AMD EPYC of Zen 2), a whole
 batch-1 step against one GEMV over the same bytes, interleaved, median of 25: small 18.98 against 18.07 ms, medium
 44.96 against 41.06; of a small step 11.9 ms were this call, 5.5 the lm_head and 0.7 the rest. That rest is why
-a generation's decode loop runs the whole step, embeddings to logits, in one call instead (`gpt2.cpu_decode_step`);
+a generation's decode loop runs the whole step, embeddings to logits, in one call instead (`gpt2.cpu.decode_step`);
 this call serves the model's forward.
 
 It takes plain fp32 `nn.Linear` blocks (not quantized or packed) with a contiguous KV cache, 1-16 rows of one
-token each, outside autograd, where the C kernels are built (`gpt2.cpu_kernels`). The kernel's table of weight
+token each, outside autograd, where the C kernels are built (`gpt2.cpu.build`). The kernel's table of weight
 pointers is kept per model and rebuilt when a parameter is replaced or moved.
 """
 
@@ -73,7 +73,7 @@ _plans: weakref.WeakKeyDictionary[GPT2, Plan] = weakref.WeakKeyDictionary()
 
 def linear_tensors(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight (out, in), bias or None) of a plain nn.Linear, or of a layer that keeps its plain weight beside a packed
-    one (`gpt2.packed_linear.PackedLinear`); None for other layers (int8: `gpt2.quantize`)."""
+    one (`gpt2.cpu.bf16_linear.PackedLinear`); None for other layers (int8: `gpt2.cpu.int8_linear`)."""
     if type(linear) is nn.Linear:
         return linear._parameters["weight"], linear._parameters["bias"]
     weight = getattr(linear, "plain_weight", None)
@@ -128,7 +128,7 @@ def _weights_plan(model: GPT2) -> Plan | None:
 
 
 def takes_cache(config: GPT2Config, cache: KVCache, dtype: torch.dtype) -> bool:
-    """What the C decode steps take (this module's and `gpt2.cpu_decode_step`'s): a contiguous cache of dtype in
+    """What the C decode steps take (this module's and `gpt2.cpu.decode_step`'s): a contiguous cache of dtype in
     config's shape, of 1-16 rows, n_embd in whole 64-byte vectors of dtype, head_dim a multiple of 16 up to 256."""
     shape = (config.n_layer, cache.batch_size, config.n_head, cache.max_len, config.head_dim)
     return (1 <= cache.batch_size <= MAX_ROWS

@@ -1,9 +1,9 @@
 """A whole CPU decode step in one C call, token ids to logits: what a generate call's decode loop runs on the CPU where
 the C kernels take the step, for fp32 models (`decode_step_f32` in csrc/decode_blocks_f32.c), bf16 ones
-(`csrc/decode_step_bf16.c`, on CPUs with avx512_bf16) and int8 ones (`gpt2.quantize`; `csrc/decode_step_int8.c`, on
+(`csrc/decode_step_bf16.c`, on CPUs with avx512_bf16) and int8 ones (`gpt2.cpu.int8_linear`; `csrc/decode_step_int8.c`, on
 CPUs with avx512_vnni).
 
-`model(tokens, cache=...)` runs an fp32 step's blocks in one C call too (`gpt2.decode_blocks`), but around it a step
+`model(tokens, cache=...)` runs an fp32 step's blocks in one C call too (`gpt2.cpu.decode_blocks`), but around it a step
 costs about 30 torch ops and Python calls: the step's position tensors, the embeddings, the first LayerNorm, the check
 that the kernel's weight table still matches the model, the lm_head's dispatch. After the step's weights have
 streamed through, each of them finds its data in DRAM. Measured on an AMD EPYC (Zen 5), 2 threads, batch 1,
@@ -17,7 +17,7 @@ costs a few Python operations besides. The same machine, a step and its argmax, 
 batch 1 5.97 / 9.14 ms, batch 8 8.61 / 14.64, medium batch 1 15.73 / 23.91 (fbgemm's matmuls there).
 
 It applies on the torch backend to fp32 or bf16 models whose block linears have plain weights (nn.Linear, or
-`gpt2.packed_linear`'s layers) and whose lm_head is tied to wte or has a plain weight and no bias, and to int8 models
+`gpt2.cpu.bf16_linear`'s layers) and whose lm_head is tied to wte or has a plain weight and no bias, and to int8 models
 (every block linear and the lm_head `Int8Linear`, n_embd a multiple of 64), at 1-16 rows over a contiguous cache of
 the model's dtype, n_embd a multiple of 16 (32 in bf16) and head_dim a multiple of 16 up to 256, outside autograd,
 where the kernels are built. Each call appends one token to every row.
@@ -62,7 +62,7 @@ def lm_head_weight(model: GPT2) -> torch.Tensor | None:
 
 
 def int8_tensors(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """An int8 layer's (weight (out, in) int8, rows (out, 3)) for the int8 step (`gpt2.quantize.Int8Linear`), or None
+    """An int8 layer's (weight (out, in) int8, rows (out, 3)) for the int8 step (`gpt2.cpu.int8_linear.Int8Linear`), or None
     for another layer or one built where that step does not run."""
     if not isinstance(linear, Int8Linear) or linear.step_weight is None:
         return None
@@ -75,7 +75,7 @@ def _plan(model: GPT2) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set
     first = model.h[0].ln_1
     head = [model.wte.weight, model.wpe.weight, first.weight, first.bias]
     dtype = model.dtype
-    if isinstance(model.lm_head, Int8Linear):  # an int8 model (`gpt2.quantize`): int8 linears, fp32 otherwise
+    if isinstance(model.lm_head, Int8Linear):  # an int8 model (`gpt2.cpu.int8_linear`): int8 linears, fp32 otherwise
         lm_head, blocks = int8_tensors(model.lm_head), decode_blocks.block_tensors(model, int8_tensors)
         if (not build.int8_available() or model.config.n_embd % small_batch_matmul.VECTOR_BYTES  # of int8
                 or lm_head is None or blocks is None):

@@ -42,7 +42,7 @@ def huge_page_weights(module: nn.Module) -> None:
 
 def collapse_into_huge_pages(address: int, n_bytes: int) -> int:
     """Back the whole 2 MiB pages inside memory [address, address + n_bytes) with huge pages now, for memory a
-    library allocated (oneDNN's packed weights, `gpt2.packed_linear`) that cannot be copied into `huge_page_copy`'s.
+    library allocated (oneDNN's packed weights, `gpt2.cpu.bf16_linear`) that cannot be copied into `huge_page_copy`'s.
 
     Only pages entirely inside the range are touched, so no neighbouring allocation is affected. Best effort:
     returns the bytes collapsed, 0 where the kernel (before Linux 6.1) or the platform cannot. Measured on

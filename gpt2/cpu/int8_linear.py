@@ -17,10 +17,10 @@ so there they get 7 bits (`reduce_range`). The error against fp32 is printed by
 `benchmarks/bench_generation.py` and bounded in tests/test_quantize.py, both on seeded random weights.
 All rows of one call share an activation scale (every token of a prefill, every row of a batched step),
 so a real checkpoint whose activations have outlier tokens may lose more there than measured here;
-bf16 (`gpt2.packed_linear`) has no such risk.
+bf16 (`gpt2.cpu.bf16_linear`) has no such risk.
 
 Where the CPU has avx512_vnni and the C kernels are built, a generation's decode steps run whole in one C call
-instead (`gpt2.cpu_decode_step`, csrc/decode_step_int8.c), whose matmuls read a plain copy of the int8 weights kept
+instead (`gpt2.cpu.decode_step`, csrc/decode_step_int8.c), whose matmuls read a plain copy of the int8 weights kept
 beside fbgemm's packed ones (so the int8 linears take twice their int8 size: half the fp32 weights' memory, not a
 quarter) and quantize each input row on its own, by fbgemm's rule: a one-row step's logits are the forward's, a
 batched step's rows each get their own scale (DialoGPT-small's shape, 4 rows: 3.10% against fbgemm's 3.13% relative
@@ -77,7 +77,7 @@ class Int8Linear(CpuPackedLinear):
                              f"pack per-channel int8 weights ({str(e).splitlines()[0]}); load with "
                              "dtype=torch.bfloat16 for a lower-precision path instead") from None
         self.reduce_range = not cpu_has_vnni()
-        # Where the C decode step runs (`gpt2.cpu_decode_step`), the plain int8 weight (out, in) beside fbgemm's packed
+        # Where the C decode step runs (`gpt2.cpu.decode_step`), the plain int8 weight (out, in) beside fbgemm's packed
         # one, and each row's scale, bias and sum of its int8 values (out, 3) (csrc/int8.h's int8_row)
         self.step_weight: torch.Tensor | None = None
         self.step_rows: torch.Tensor | None = None

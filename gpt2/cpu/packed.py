@@ -1,6 +1,6 @@
 """The base of linear layers whose weights a CPU library keeps in its own packed, opaque layout.
 
-oneDNN's blocked bf16 weights (`gpt2.packed_linear`) and fbgemm's int8 weights (`gpt2.quantize`) can be
+oneDNN's blocked bf16 weights (`gpt2.cpu.bf16_linear`) and fbgemm's int8 weights (`gpt2.cpu.int8_linear`) can be
 neither moved to another device nor cast; `model.to(...)` would leave them behind and fail later, deep
 inside torch, so such a layer refuses any conversion that would change its device or dtype.
 """

@@ -18,8 +18,8 @@ over the 12 layers, oneDNN / this kernel, two runs: qkv 57.5 / 51.4 and 58.9 / 5
 19.6 / 17.3, c_fc with gelu_new 71.4 / 68.1 and 73.0 / 71.3; but the MLP's c_proj (3072 in) 68.5 / 88.7, and
 DialoGPT-medium's at 256 rows (1024 in) qkv 193 / 196, c_fc 251 / 262. So with AVX-512 it takes up to 64 rows
 of any width, and more while x holds at most 256 rows of 768 (small's prefill of 8 x 32 tokens);
-1-16 rows go to `gpt2.small_batch_matmul`, the rest to oneDNN. DialoGPT-small's 32-token prefill at batch 1 went
-from 52.4 to 46.8 ms and medium's from 253.0 to 196.5 ms (with `gpt2.cpu_attention`, median of 11 and 7).
+1-16 rows go to `gpt2.cpu.small_batch_matmul`, the rest to oneDNN. DialoGPT-small's 32-token prefill at batch 1 went
+from 52.4 to 46.8 ms and medium's from 253.0 to 196.5 ms (with `gpt2.cpu.attention`, median of 11 and 7).
 
 The table above is from before the prefetch, and before inputs wider than 1024 were summed in slices of 512 (each
 slice's partial sums added into y): whole, a 4-row weight block of 3072 or 4096 floats no longer stays in L1 while x

@@ -1,5 +1,5 @@
 """fp32 and bf16 matmuls of 1 to 16 input rows on the CPU (a decode step's), on small C kernels built once with `cc`
-(AVX-512, or AVX2 and FMA: see `gpt2.cpu_kernels`).
+(AVX-512, or AVX2 and FMA: see `gpt2.cpu.build`).
 
 A decode step at batch b reads every weight once for b rows, so up to a few rows its matmuls are bound by how
 fast they stream the weights. Torch's fastest route on the AMD EPYC (Zen 4) this engine is tuned on is oneDNN,
@@ -23,14 +23,14 @@ csrc/small_batch_loop.h):
     this kernel     20.6 ms    23.0 ms    24.0 ms    24.4 ms    27.7 ms    35.1 ms
 
 and one GEMV over a weight-sized matrix (494 MB) took it 22.4 ms against oneDNN's 22.3 and a max-reduction's
-21.8. More rows go to `gpt2.prefill_matmul` or oneDNN's GEMM.
+21.8. More rows go to `gpt2.cpu.prefill_matmul` or oneDNN's GEMM.
 
-The kernel is built with the engine's other C kernels (see `gpt2.cpu_kernels`); where they are unavailable the
-model keeps oneDNN. A decode step of plain fp32 blocks runs its block matmuls inside `gpt2.decode_blocks`; this
+The kernel is built with the engine's other C kernels (see `gpt2.cpu.build`); where they are unavailable the
+model keeps oneDNN. A decode step of plain fp32 blocks runs its block matmuls inside `gpt2.cpu.decode_blocks`; this
 module serves the lm_head and every other fp32 matmul of 1-16 rows.
 
 `matmul_bf16` is the same loop on bf16 (`csrc/small_batch_matmul_bf16.c`: avx512_bf16 dot products into fp32),
-for a bf16 model's decode steps (`gpt2.packed_linear`). All DialoGPT-small decode matmuls in sequence (247 MB),
+for a bf16 model's decode steps (`gpt2.cpu.bf16_linear`). All DialoGPT-small decode matmuls in sequence (247 MB),
 median of 7 interleaved, against oneDNN on its packed layout and on the plain one:
 
     input rows      1          4          8          16
@@ -78,7 +78,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 
 def applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """1-16 bf16 rows on the CPU against a contiguous bf16 weight of a width in whole 32-element vectors and a bf16
-    bias or none, outside autograd, where the bf16 kernel runs (`gpt2.cpu_kernels.bf16_available`)."""
+    bias or none, outside autograd, where the bf16 kernel runs (`gpt2.cpu.build.bf16_available`)."""
     return 1 <= kernel_rows(x, weight, bias, torch.bfloat16) <= MAX_ROWS
 
 
