@@ -7,14 +7,17 @@ so a file that would run code is refused. Names are normalised (`module.` / `tra
 `lm_head.decoder.weight`), causal-mask buffers dropped, the tied lm_head checked against wte, and
 GPT-2's Conv1D weights ([in, out]) transposed to nn.Linear layout ([out, in]). The model size comes
 from the tensor shapes and is checked against any config given; every problem is a CheckpointError
-naming the file and the key.
+naming the file and the key. Weights holding NaN or inf are read, with a NonFiniteWeightsWarning naming them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +79,10 @@ class TiedWeightsError(CheckpointError):
     """An lm_head weight different from the token embedding (this engine ties them)."""
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """Tensors holding NaN or inf: the checkpoint is read, but the model will compute NaN or inf from them."""
+
+
 def engine_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Every key of the engine state dict with its shape, in order."""
     C, shapes = config.n_embd, {}
@@ -104,6 +111,15 @@ def is_engine_dir(path: str | Path) -> bool:
         return False
 
 
+def is_symlink_loop(path: str | Path) -> bool:
+    """Whether following path's symbolic links never ends (a loop, or more links in a row than the system follows)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def read_checkpoint(src: str | Path, *, preset: str | None = None, config: str | Path | GPT2Config | None = None,
                     progress: bool = False) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     """The config and engine-layout state dict of a checkpoint directory or weights file.
@@ -121,6 +137,9 @@ def read_checkpoint(src: str | Path, *, preset: str | None = None, config: str |
             given = (GPT2Config.from_json(src / "config.json"), str(src / "config.json"))
     elif src.is_file():
         weights = src
+    elif is_symlink_loop(src):
+        raise CheckpointNotFoundError(f"checkpoint not found: {src} is a symlink loop (following its links never "
+                                      "reaches a file or directory)")
     else:
         raise CheckpointNotFoundError(f"checkpoint not found: {src} (no such file or directory)")
     raw, engine_layout = read_weights_file(weights)
@@ -243,11 +262,12 @@ def to_engine_state_dict(raw: Mapping[str, torch.Tensor], *, source: str, config
     linear = engine_layout or tuple(c_attn.shape) == expected["h.0.attn.c_attn.weight"]
     wte = tensors["wte.weight"]
     for key, value in lm_heads:
-        if value.shape != wte.shape or not torch.equal(value.to(wte.dtype), wte):
+        if value.shape != wte.shape or not _same_values(value.to(wte.dtype), wte):
             raise TiedWeightsError(f"{source}: {key!r} differs from {names['wte.weight']!r}; this engine ties the "
                                    "output layer to the token embedding and cannot run untied weights")
 
     out: dict[str, torch.Tensor] = {}
+    non_finite: list[str] = []  # "'key' (count of size)" for each tensor holding NaN or inf
     for name, shape in tqdm(expected.items(), desc="converting", unit="tensor", disable=None if progress else True):
         value = tensors[name]
         transpose = not linear and name.endswith(CONV1D_WEIGHTS)
@@ -257,7 +277,29 @@ def to_engine_state_dict(raw: Mapping[str, torch.Tensor], *, source: str, config
             raise TensorShapeError(f"{source}: key {names[name]!r} has shape {tuple(value.shape)}, expected "
                                    f"{stored}{layout} for n_embd={cfg.n_embd}")
         out[name] = (value.t() if transpose else value).contiguous()
+        if holds_non_finite(value):
+            count = value.numel() - int(torch.isfinite(value).sum())
+            non_finite.append(f"{names[name]!r} ({count} of {value.numel()} values)")
+    if non_finite:
+        more = f" and {len(non_finite) - 6} more" if len(non_finite) > 6 else ""
+        warnings.warn(f"{source}: {len(non_finite)} tensor(s) hold NaN or inf: {', '.join(non_finite[:6])}{more}; "
+                      "the model will compute NaN or inf from them (is the checkpoint damaged, or saved after "
+                      "training diverged?)", NonFiniteWeightsWarning, stacklevel=2)
     return cfg, out
+
+
+def holds_non_finite(value: torch.Tensor) -> bool:
+    """Whether value holds NaN or inf (False for meta tensors): min and max propagate both, in one pass that
+    allocates no temporary tensor (torch.isfinite(value).all() takes ~20x as long)."""
+    if value.is_meta or value.numel() == 0:
+        return False
+    low, high = torch.aminmax(value)
+    return not bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal elementwise, NaN matching NaN (torch.equal alone would call a tied wte holding NaN untied)."""
+    return torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def _check_or_infer_config(tensors: dict[str, torch.Tensor], names: dict[str, str], source: str,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import (
+    CheckpointNotFoundError,
     ConfigMismatchError,
+    NonFiniteWeightsWarning,
     engine_shapes,
     read_checkpoint,
     to_engine_state_dict,
@@ -128,3 +132,40 @@ def test_preset_checked_against_medium_shapes():
                                                   r"but medium_ft.pkl has \(50257, 1024\)"):
         to_engine_state_dict(medium, source="medium_ft.pkl", config=GPT2Config.from_preset("dialogpt-small"),
                              config_origin="preset 'dialogpt-small'")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_finite_weights_read_without_a_warning(fmt, checkpoints, tiny_config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWeightsWarning)
+        read_checkpoint(checkpoints[fmt], config=tiny_config)
+
+
+def test_non_finite_weights_are_read_with_a_warning_naming_them(checkpoints, tiny_config, tmp_path):
+    weights = load_file(checkpoints["safetensors-file"])
+    weights["transformer.h.0.attn.c_attn.weight"][0, :3] = torch.nan
+    weights["transformer.ln_f.bias"][7] = -torch.inf
+    save_file(weights, tmp_path / "bad.safetensors")
+    with pytest.warns(NonFiniteWeightsWarning) as warned:
+        _, state_dict = read_checkpoint(tmp_path / "bad.safetensors", config=tiny_config)
+    assert [str(w.message).split("; ")[0] for w in warned] == [
+        f"{tmp_path / 'bad.safetensors'}: 2 tensor(s) hold NaN or inf: 'transformer.h.0.attn.c_attn.weight' "
+        "(3 of 12288 values), 'transformer.ln_f.bias' (1 of 64 values)"]
+    assert state_dict["h.0.attn.c_attn.weight"][:3, 0].isnan().all() and state_dict["ln_f.bias"][7] == -torch.inf
+
+
+def test_tied_lm_head_holding_nan_is_still_tied(checkpoints, tmp_path):
+    """NaN != NaN: an lm_head equal to wte, NaN included, is the tied head, not a different one."""
+    weights = torch.load(checkpoints["hf-bin-fp16"] / "pytorch_model.bin", weights_only=True)
+    weights["transformer.wte.weight"][5] = torch.nan
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()
+    shutil.copytree(checkpoints["hf-bin-fp16"], tmp_path / "nan")
+    torch.save(weights, tmp_path / "nan" / "pytorch_model.bin")
+    with pytest.warns(NonFiniteWeightsWarning, match=r"'transformer.wte.weight' \(64 of 3216448 values\)"):
+        read_checkpoint(tmp_path / "nan")
+
+
+def test_symlink_loop_named(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{tmp_path / 'loop'} is a symlink loop")):
+        read_checkpoint(tmp_path / "loop")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from gpt2.checkpoint import ENGINE_FORMAT, is_engine_dir, read_checkpoint
+import gpt2
+from gpt2.checkpoint import ENGINE_FORMAT, NonFiniteWeightsWarning, is_engine_dir, read_checkpoint
 from gpt2.cli import main
 from gpt2.config import GPT2Config
-from gpt2.convert import ConvertError, DestinationExistsError, convert
+from gpt2.convert import ConvertError, DestinationExistsError, DtypeOverflowError, convert
 from gpt2.tokenizer import VOCAB_DIR
 from tests.checkpoints import FORMATS, FP16_FORMATS
 
@@ -54,6 +57,64 @@ def test_dtype_override(checkpoints, tmp_path):
     assert {v.dtype for v in state_dict.values()} == {torch.bfloat16}
     with pytest.raises(ConvertError, match="dtype torch.int8 is not supported"):
         convert(checkpoints["hf-bin-fp16"], tmp_path / "int8", dtype=torch.int8)
+
+
+def weights_with(checkpoints, path: Path, values: dict[tuple[str, tuple[int, ...]], float]) -> Path:
+    """The fp32 safetensors-file checkpoint written to path with values[(key, index)] set; returns path."""
+    weights = load_file(checkpoints["safetensors-file"])
+    for (key, index), value in values.items():
+        weights[key][index] = value
+    save_file(weights, path)
+    return path
+
+
+def test_cast_that_overflows_is_refused(checkpoints, tiny_config, tmp_path, capsys):
+    src = weights_with(checkpoints, tmp_path / "large.safetensors",
+                       {("transformer.h.1.mlp.c_proj.weight", (3, 5)): -1e5})
+    message = (f"{src}: tensor 'h.1.mlp.c_proj.weight' holds values up to 100000 in magnitude, beyond "
+               "torch.float16's largest 65504: they would be stored as inf")
+    with pytest.raises(DtypeOverflowError, match=f"^{re.escape(message)}"):
+        convert(src, tmp_path / "fp16", config=tiny_config, dtype=torch.float16, progress=False)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config.to_dict()))
+    assert main(["convert", str(src), str(tmp_path / "fp16"), "--dtype", "fp16", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"gpt2 convert: error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large.safetensors", "tiny.json"]  # nothing written
+
+    dst = convert(src, tmp_path / "bf16", config=tiny_config, dtype=torch.bfloat16, progress=False)
+    assert read_checkpoint(dst)[1]["h.1.mlp.c_proj.weight"][5, 3] == -1e5  # bf16 has fp32's range
+    edge = weights_with(checkpoints, tmp_path / "edge.safetensors", {("transformer.wte.weight", (0, 0)): 65519.0})
+    dst = convert(edge, tmp_path / "edge", config=tiny_config, dtype=torch.float16, progress=False)
+    assert read_checkpoint(dst)[1]["wte.weight"][0, 0] == 65504  # rounds to fp16's largest, not to inf
+
+
+def test_non_finite_weights_convert_and_load_with_a_warning(checkpoints, tiny_config, tmp_path):
+    bad = {("transformer.h.0.ln_1.weight", (1,)): torch.nan, ("transformer.wpe.weight", (2, 3)): -torch.inf}
+    src = weights_with(checkpoints, tmp_path / "bad.safetensors", bad)
+    read = "2 tensor(s) hold NaN or inf: 'transformer.wpe.weight' (1 of 8192 values), 'transformer.h.0.ln_1.weight'"
+    with pytest.warns(NonFiniteWeightsWarning, match=re.escape(f"{src}: {read}")):  # and -inf is no fp16 overflow
+        dst = convert(src, tmp_path / "fp16", config=tiny_config, dtype=torch.float16, progress=False)
+    loaded = "2 tensor(s) hold NaN or inf: 'wpe.weight' (1 of 8192 values), 'h.0.ln_1.weight' (1 of 64 values)"
+    with pytest.warns(NonFiniteWeightsWarning, match=re.escape(f"{dst / 'model.safetensors'}: {loaded}")):
+        model = gpt2.load(dst)
+    assert model.state_dict()["wpe.weight"][2, 3] == -torch.inf
+
+
+@pytest.mark.parametrize("which", ["source", "destination", "destination-parent"])
+def test_symlink_loop_refused(which, checkpoints, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    src, dst = {"source": (loop, tmp_path / "out"), "destination": (checkpoints["pkl"], loop),
+                "destination-parent": (checkpoints["pkl"], loop / "out")}[which]
+    path = src if which == "source" else dst
+    message = f"{which.removesuffix('-parent')} {path} is a symlink loop"
+    with pytest.raises(ConvertError, match=re.escape(message)):
+        convert(src, dst, progress=False)
+    assert main(["convert", str(src), str(dst), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2 convert: error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "loop"]
 
 
 def test_converting_an_engine_directory_again(checkpoints, tmp_path):
