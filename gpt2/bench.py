@@ -502,17 +502,15 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
 
     Returns the report (a markdown table and the weight-streaming bound per size).
     """
-    import importlib.util
-
     from tqdm import tqdm
 
     from .packed_linear import bf16_packing_available
 
     on_gpu = device == "cuda"
     torch.set_num_threads(threads)
-    with_transformers = with_transformers and importlib.util.find_spec("transformers") is not None
+    with_transformers = _transformers_timed(with_transformers)
     sizes, batches = list(sizes), list(batches)
-    n_engines = (2 if on_gpu else 2 + bf16_packing_available()) + with_transformers
+    n_engines = _engine_count(device, with_transformers)
     bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
                disable=not progress, leave=False)
     header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "x sustained",
@@ -572,3 +570,81 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
                  "the repeats; x sustained: the same over the sustained bound, as a decode of as many steps would get "
                  "it were each step that GEMV")
     return format_table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def _transformers_timed(with_transformers: bool) -> bool:
+    """Whether quick_bench times transformers: asked for and importable."""
+    import importlib.util
+
+    return with_transformers and importlib.util.find_spec("transformers") is not None
+
+
+def _engine_count(device: str, with_transformers: bool) -> int:
+    """The engines quick_bench times: this engine's fp32, int8 and (where native) bf16 on the CPU, its fp16 and fp32
+    on CUDA, and transformers."""
+    from .packed_linear import bf16_packing_available
+
+    return (2 if device == "cuda" else 2 + bf16_packing_available()) + with_transformers
+
+
+@dataclass(frozen=True)
+class BenchMachine:
+    """What `quick_bench_seconds` assumes of the machine; slow on purpose, so that the estimate errs long."""
+
+    weight_bytes_per_s: float  # reading the weights once, as a batch-1 decode step does
+    flops_per_s: float  # matmul throughput of one CPU thread, or of the whole GPU
+    step_overhead_s: float  # this engine's fixed cost per generated token
+    transformers_step_overhead_s: float  # Hugging Face generate's (Python work per step)
+    setup_s_per_gb: float  # building, converting and copying a size's models and probe matrix, per GB of fp32 weights
+    startup_s: float  # imports, loading this engine's C kernels or compiling its Triton ones
+
+
+# From `gpt2 bench` on a busy 2-vCPU cloud VM (AVX-512; load 4 from other work): the default run took 4.2 min, and
+# these rates predict that; an idle or larger CPU takes less. Each engine is counted as reading fp32 weights.
+CPU_MACHINE = BenchMachine(weight_bytes_per_s=5e9, flops_per_s=10e9, step_overhead_s=5e-3,
+                           transformers_step_overhead_s=30e-3, setup_s_per_gb=40.0, startup_s=15.0)
+# Not measured: a fraction of a datacenter GPU's bandwidth (H100: 3.35 TB/s) and fp16 FLOPs, Hugging Face's per-step
+# Python overhead, and a first Triton compile in the start-up; the models are still built on the CPU.
+CUDA_MACHINE = BenchMachine(weight_bytes_per_s=500e9, flops_per_s=20e12, step_overhead_s=1e-3,
+                            transformers_step_overhead_s=30e-3, setup_s_per_gb=40.0, startup_s=60.0)
+
+
+def quick_bench_seconds(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
+                        n_new: int = 16, repeats: int = 3, threads: int = 2, with_transformers: bool = True,
+                        device: str = "cpu") -> float:
+    """Roughly how long `quick_bench` with these arguments runs, from the work it does and `CPU_MACHINE` /
+    `CUDA_MACHINE`: per size the set-up, then per batch and engine a warm-up and `repeats` timed n_new-token
+    generates, `repeats` one-token ones (prefill) and a bound sample before each timed generate."""
+    machine = CUDA_MACHINE if device == "cuda" else CPU_MACHINE
+    flops_per_s = machine.flops_per_s * (1 if device == "cuda" else threads)
+    with_transformers = _transformers_timed(with_transformers)
+    n_engines = _engine_count(device, with_transformers)
+    overheads_s = ([machine.step_overhead_s] * (n_engines - with_transformers)
+                   + [machine.transformers_step_overhead_s] * with_transformers)  # per engine
+    total = machine.startup_s
+    for size in sizes:
+        floats = decode_weight_floats(SIZES[size])
+        total += machine.setup_s_per_gb * floats * 4 / 1e9
+        read_s = floats * 4 / machine.weight_bytes_per_s
+        sample_s = (16 + n_new - 1) * read_s  # BoundProbe.sample: ~4 kernels x (warm-up + 3), then n_new - 1 calls
+        for batch in batches:
+            prefill_s = 2 * floats * batch * prompt_len / flops_per_s
+            step_s = max(read_s, 2 * floats * batch / flops_per_s)
+            for overhead_s in overheads_s:
+                generate_s = prefill_s + (n_new - 1) * (step_s + overhead_s)
+                total += (repeats + 1) * generate_s + repeats * (prefill_s + overhead_s + sample_s)
+    return total
+
+
+def quick_bench_estimate(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
+                         n_new: int = 16, repeats: int = 3, threads: int = 2, with_transformers: bool = True,
+                         device: str = "cpu") -> str:
+    """One line saying roughly how long `quick_bench` with these arguments takes, and how much it runs."""
+    sizes, batches = list(sizes), list(batches)
+    seconds = quick_bench_seconds(sizes, batches, prompt_len, n_new, repeats, threads, with_transformers, device)
+    n_engines = _engine_count(device, _transformers_timed(with_transformers))
+    duration = "less than a minute" if seconds < 60 else f"roughly {round(seconds / 60)} min"
+    basis = "a guess for a GPU" if device == "cuda" else "as on a busy 2-core CPU; faster machines take less"
+    counts = [(len(sizes), "size"), (len(batches), "batch size"), (n_engines, "engine"), (repeats, "repeat")]
+    work = " x ".join(f"{n} {what}{'s' * (n != 1)}" for n, what in counts)
+    return f"gpt2 bench: {duration} ({basis}) for {work}"
