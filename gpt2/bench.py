@@ -369,7 +369,7 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
     on_gpu = device == "cuda"
     torch.set_num_threads(threads)
     sizes, batches = list(sizes), list(batches)
-    n_engines = 2 if on_gpu else 2 + bf16_packing_available()
+    n_engines = _engine_count(device)
     bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
                disable=not progress, leave=False)
     header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "x sustained",
@@ -419,3 +419,64 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
                  "the repeats; x sustained: the same over the sustained bound, as a decode of as many steps would get "
                  "it were each step that GEMV; other engines: benchmarks/bench_generation.py")
     return format_table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def _engine_count(device: str) -> int:
+    """The engines quick_bench times: this engine's fp32, int8 and (where native) bf16 on the CPU, fp16 and fp32 on
+    CUDA."""
+    return 2 if device == "cuda" else 2 + bf16_packing_available()
+
+
+@dataclass(frozen=True)
+class BenchMachine:
+    """What `quick_bench_seconds` assumes of the machine; slow on purpose, so that the estimate errs long."""
+
+    weight_bytes_per_s: float  # reading the weights once, as a batch-1 decode step does
+    flops_per_s: float  # matmul throughput of one CPU thread, or of the whole GPU
+    step_overhead_s: float  # this engine's fixed cost per generated token
+    setup_s_per_gb: float  # building and copying a size's models and probe matrix, per GB of fp32 weights
+    startup_s: float  # imports, loading this engine's C kernels or compiling its Triton ones
+
+
+# Rates of a busy 2-core CPU, which reproduce a default run's duration there (docs/performance.md#gpt2-bench);
+# the GPU's are a guess, a fraction of a datacenter GPU's bandwidth and fp16 throughput.
+CPU_MACHINE = BenchMachine(weight_bytes_per_s=5e9, flops_per_s=10e9, step_overhead_s=5e-3, setup_s_per_gb=40.0,
+                           startup_s=15.0)
+CUDA_MACHINE = BenchMachine(weight_bytes_per_s=500e9, flops_per_s=20e12, step_overhead_s=1e-3, setup_s_per_gb=40.0,
+                            startup_s=60.0)
+
+
+def quick_bench_seconds(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
+                        n_new: int = 16, repeats: int = 3, threads: int = 2, device: str = "cpu") -> float:
+    """Roughly how long `quick_bench` with these arguments runs, from the work it does and `CPU_MACHINE` /
+    `CUDA_MACHINE`: per size the set-up, then per batch and engine a warm-up and `repeats` timed n_new-token
+    generates, `repeats` one-token ones (prefill) and a bound sample before each timed generate."""
+    machine = CUDA_MACHINE if device == "cuda" else CPU_MACHINE
+    flops_per_s = machine.flops_per_s * (1 if device == "cuda" else threads)
+    n_engines = _engine_count(device)
+    total = machine.startup_s
+    for size in sizes:
+        floats = decode_weight_floats(SIZES[size])
+        total += machine.setup_s_per_gb * floats * 4 / 1e9
+        read_s = floats * 4 / machine.weight_bytes_per_s
+        sample_s = (16 + n_new - 1) * read_s  # BoundProbe.sample: ~4 kernels x (warm-up + 3), then n_new - 1 calls
+        for batch in batches:
+            prefill_s = 2 * floats * batch * prompt_len / flops_per_s
+            step_s = max(read_s, 2 * floats * batch / flops_per_s)
+            generate_s = prefill_s + (n_new - 1) * (step_s + machine.step_overhead_s)
+            total += n_engines * ((repeats + 1) * generate_s
+                                  + repeats * (prefill_s + machine.step_overhead_s + sample_s))
+    return total
+
+
+def quick_bench_estimate(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
+                         n_new: int = 16, repeats: int = 3, threads: int = 2, device: str = "cpu") -> str:
+    """One line saying roughly how long `quick_bench` with these arguments takes, and how much it runs."""
+    sizes, batches = list(sizes), list(batches)
+    seconds = quick_bench_seconds(sizes, batches, prompt_len, n_new, repeats, threads, device)
+    duration = "less than a minute" if seconds < 60 else f"roughly {round(seconds / 60)} min"
+    basis = "a guess for a GPU" if device == "cuda" else "as on a busy 2-core CPU; faster machines take less"
+    counts = [(len(sizes), "size"), (len(batches), "batch size"), (_engine_count(device), "engine"),
+              (repeats, "repeat")]
+    work = " x ".join(f"{n} {what}{'s' * (n != 1)}" for n, what in counts)
+    return f"gpt2 bench: {duration} ({basis}) for {work}"

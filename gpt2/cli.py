@@ -2,13 +2,16 @@
 
 Bad input (a checkpoint, config, tokenizer or destination problem) prints `gpt2 <command>: error: <message>`
 to stderr and exits with status 2, without a traceback; an operating-system error (permission, disk full)
-does the same with status 1.
+does the same with status 1. Text that the locale cannot decode or encode (bytes that are not UTF-8 under
+LC_ALL=C or PYTHONIOENCODING=utf-8:strict) becomes U+FFFD on input and "?" on output, never an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,12 +19,13 @@ from typing import Any
 
 import torch
 
-from .bench import quick_bench
+from .bench import quick_bench, quick_bench_estimate
 from .chat import CHAT_DEFAULTS, DEFAULT_MAX_HISTORY_TOKENS, Chat, ChatNotice
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import DTYPES, ConvertError, convert
 from .dispatch import BACKENDS
+from .generation import NonFiniteLogitsError
 from .loading import load
 from .model import GPT2
 from .sampling import SamplingParams
@@ -89,7 +93,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     for name, kind, text in SAMPLING_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
                        help=f"{text} (default: {defaults[name]})")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=_seed, help="random seed, for reproducible sampling")
+
+
+def _seed(text: str) -> int:
+    """--seed's type: an integer SamplingParams accepts, so that a bad one is a usage error naming --seed."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    try:
+        return SamplingParams(seed=seed).seed
+    except ValueError as e:  # e.g. outside the range torch's generators take
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,12 +122,33 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _tolerate_undecodable_text() -> None:
+    """Undecodable stdin bytes read as U+FFFD (for readline and input() alike) and unencodable reply characters
+    print as "?": under a strict locale either would otherwise end the program with a UnicodeError."""
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
+def _text_from_argv(text: str) -> str:
+    """A command-line argument with its undecodable bytes (lone surrogates, from surrogateescape) as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _report_non_finite_logits(command: str, error: NonFiniteLogitsError) -> int:
+    """End the streamed line and report a model whose logits are NaN / inf: no later reply could be better."""
+    _write("\n")
+    print(f"gpt2 {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text",
-                       description="Generate a continuation of --prompt with MODEL and stream it to stdout, "
-                                   "stopping at <|endoftext|> or --max-new-tokens.")
+                       description="Generate a continuation of PROMPT (or --prompt) with MODEL and stream it to "
+                                   "stdout, stopping at <|endoftext|> or --max-new-tokens.")
     _add_model_flags(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("positional_prompt", nargs="?", metavar="PROMPT", help="the text to continue")
+    p.add_argument("--prompt", help="the text to continue, as an option (instead of PROMPT)")
     p.add_argument("--chat-format", action="store_true",
                    help="treat the prompt as one DialoGPT turn (append <|endoftext|>) and print the reply")
     defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
@@ -119,13 +156,23 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_generate)
 
 
+def _prompt_text(args: argparse.Namespace) -> str:
+    """The prompt, given either as PROMPT or as --prompt."""
+    if args.positional_prompt is not None and args.prompt is not None:
+        raise ValueError("give the prompt once: as PROMPT or as --prompt, not both")
+    if args.positional_prompt is None and args.prompt is None:
+        raise ValueError("no prompt: give the text to continue as PROMPT or as --prompt")
+    return _text_from_argv(args.prompt if args.positional_prompt is None else args.positional_prompt)
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     try:
+        text = _prompt_text(args)
         model = _load(args, args.model)
         tokenizer = model.tokenizer
-        prompt = tokenizer.encode(args.prompt) + ([tokenizer.eos_token_id] if args.chat_format else [])
+        prompt = tokenizer.encode(text) + ([tokenizer.eos_token_id] if args.chat_format else [])
         if not prompt:
-            raise ValueError("the prompt is empty: give some text with --prompt")
+            raise ValueError("the prompt is empty: give some text as PROMPT or with --prompt")
         params = SamplingParams(**_sampling(args), eos_token_id=tokenizer.eos_token_id, seed=args.seed)
     except ValueError as e:  # a bad model, device or setting
         print(f"gpt2 generate: error: {e}", file=sys.stderr)
@@ -133,6 +180,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     decoder = tokenizer.stream_decoder()
     try:
         model.generate([prompt], **dataclasses.asdict(params), on_token=lambda _row, token: _write(decoder.push(token)))
+    except NonFiniteLogitsError as e:
+        return _report_non_finite_logits("generate", e)
     except ValueError as e:  # e.g. prompt plus max_new_tokens longer than the model's context
         print(f"gpt2 generate: error: {e}", file=sys.stderr)
         return 2
@@ -145,14 +194,21 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 # --- chat ------------------------------------------------------------------------------------------
 
-CHAT_COMMANDS = {"/reset": "forget the conversation", "/quit": "leave (also /exit, Ctrl-D, Ctrl-C)"}
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation",
+                 "/quit": "leave (also /exit, Ctrl-D, or Ctrl-C at the prompt; Ctrl-C during a reply stops it)"}
+QUIT_COMMANDS = ("/quit", "/exit")
+COMMAND_WORD = re.compile(r"/[A-Za-z]\w*")  # a line whose first word is this is meant as a command, not a message
+
+
+def _command_list() -> str:
+    return "commands: " + "; ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items())
 
 
 def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a DialoGPT model",
-                       description="Chat with MODEL, streaming each reply. Interactive on a terminal (commands: "
-                                   + "; ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items())
-                                   + "); with stdin a pipe, each input line is one turn and each reply one output line.")
+                       description=f"Chat with MODEL, streaming each reply. Interactive on a terminal "
+                                   f"({_command_list()}); with stdin a pipe, each input line is one turn and each "
+                                   "reply one output line.")
     _add_model_flags(p)
     p.add_argument("--reverse-model", metavar="M", help="a reverse (backward) model: rerank sampled replies by MMI")
     p.add_argument("--n-candidates", type=int, default=10, help="replies sampled per turn for MMI (default: 10)")
@@ -184,7 +240,9 @@ def _run_chat(args: argparse.Namespace) -> int:
         print(f"chatting with {args.model}; " + ", ".join(f"{c} to {what}" for c, what in CHAT_COMMANDS.items()))
     try:
         _chat_loop(chat, interactive)
-    except KeyboardInterrupt:
+    except NonFiniteLogitsError as e:
+        return _report_non_finite_logits("chat", e)
+    except KeyboardInterrupt:  # at the prompt, or a second Ctrl-C while a reply was being stopped
         _write("\n")
         return 130
     return 0
@@ -204,22 +262,36 @@ def _chat_loop(chat: Chat, interactive: bool) -> None:
             if not line:
                 return
         text = line.strip()
-        if text in ("/quit", "/exit"):
+        if text in QUIT_COMMANDS:
             return
         if text == "/reset":
             chat.reset()
             print("(history cleared)", file=sys.stderr, flush=True)
-            continue
-        if not text:
+        elif text == "/help":
+            print(_command_list(), file=sys.stderr, flush=True)
+        elif not text:
             print("(empty message: type some text; /reset clears the history, /quit leaves)", file=sys.stderr,
                   flush=True)
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", ChatNotice)
-            warnings.showwarning = lambda message, *_: print(f"notice: {message}", file=sys.stderr, flush=True)
-            _write("bot> " if interactive else "")
+        elif COMMAND_WORD.fullmatch(text.split()[0]):
+            print(f"(not a command: {text}; {_command_list()})", file=sys.stderr, flush=True)
+        else:
+            _reply(chat, text, interactive)
+
+
+def _reply(chat: Chat, text: str, interactive: bool) -> None:
+    """Stream the reply to text on one line. Ctrl-C stops it and the chat goes on as if the turn never happened
+    (Chat keeps a turn only once its reply is complete)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ChatNotice)
+        warnings.showwarning = lambda message, *_: print(f"notice: {message}", file=sys.stderr, flush=True)
+        _write("bot> " if interactive else "")
+        try:
             chat.say(text, on_text=lambda piece: _write(piece.replace("\r", " ").replace("\n", " ")))
-        _write("\n")
+        except KeyboardInterrupt:
+            _write("\n")
+            print("(reply stopped)", file=sys.stderr, flush=True)
+            return
+    _write("\n")
 
 
 # --- bench ---------------------------------------------------------------------------------------
@@ -252,6 +324,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpt2 bench: error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
+    print(quick_bench_estimate(args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.threads,
+                               args.device), file=sys.stderr, flush=True)
     print(quick_bench(args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.threads,
                       args.progress, args.device))
     return 0
@@ -268,10 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but `gpt2 generate MODEL --greedy "text"` works too: argparse (Python 3.11's at least) gives the
+    optional PROMPT nothing when it reads MODEL alone, and leaves the text over as an unrecognized argument."""
+    args, extras = parser.parse_known_args(argv)
+    if getattr(args, "positional_prompt", "") is None and len(extras) == 1 and not extras[0].startswith("-"):
+        args.positional_prompt = extras.pop()
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    _tolerate_undecodable_text()
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
     except SystemExit as e:  # argparse has printed the usage error or the help
         return e.code if isinstance(e.code, int) else 2
     handler: Handler = args.handler

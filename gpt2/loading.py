@@ -102,7 +102,8 @@ def _download(repo_id: str) -> Path:
         raise ModelNotFoundError(
             f"{repo_id!r} is not a local path, and fetching it from the Hugging Face hub failed. Tried: the hub "
             f"cache {constants.HF_HUB_CACHE}, then {download} ({reason}). To use a checkpoint you have as files, "
-            "convert it: `gpt2 convert SRC DST`, then `gpt2.load(DST)`."
+            "convert it: `gpt2 convert SRC DST && gpt2 chat DST` on the command line, or `gpt2 convert SRC DST` "
+            "then `gpt2.load(DST)` in Python."
         ) from None
     if not any((snapshot / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         raise ModelNotFoundError(f"{repo_id!r}: the hub snapshot {snapshot} has neither model.safetensors nor "
