@@ -228,20 +228,19 @@ def decode_weight_floats(config: GPT2Config) -> int:
 class BoundProbe:
     """The weight-streaming bound of a config, sampled again between the repeats of a benchmark.
 
-    This machine's memory bandwidth drifts with what its neighbours do (the same decode step measured 20 to
-    29 ms within an hour here), so a bound taken once, minutes away from an engine's timings, makes ratios
-    that drift with it. Each `sample()` times every GEMV kernel on one weight-sized matrix and keeps the fastest;
-    the bound is the median of the samples. (A kernel chosen once, from one fastest-of-7 at set-up, stayed the one
-    timed for the whole run even where another was faster later.) The kernels are MKL's two layouts, oneDNN's
-    and, where built, this engine's own small-batch matmul: over the small shape's weights it was 9-22% faster than
-    the fastest of the others here (3 samples), over medium's -2 to 10%, so a bound without it would credit an
-    engine for a slower GEMV than the machine runs.
+    A shared machine's memory bandwidth drifts with what its neighbours do, so a bound taken once, minutes away
+    from an engine's timings, makes ratios that drift with it. Each `sample()` times every GEMV kernel on one
+    weight-sized matrix and keeps the fastest; the bound is the median of the samples. (A kernel chosen once at
+    set-up would stay the one timed for the whole run even where another is faster later.) The kernels are MKL's
+    two layouts, oneDNN's and, where built, this engine's own small-batch matmul, which is often the fastest of
+    them, so a bound without it would credit an engine for a slower GEMV than the machine runs.
 
     With sustained_calls > 0, each sample also runs that sample's fastest kernel sustained_calls times back to back
     and keeps the mean time of a call (`sustained_samples_ms`): the bound as a decode of sustained_calls steps would
     get it were each step that one GEMV, the same statistic as the decode step it is compared with (a mean over the
-    steps of one generate). The fastest of 3 is a burst: on an AMD EPYC (Zen 4) here, this engine's GEMV over
-    DialoGPT-small's 494 MB averaged 1.12x its own fastest of 3 over 31 calls (median of 9 paired rounds, 1.03-1.22).
+    steps of one generate). The fastest of 3 is a burst: a GEMV's mean over many calls in a row is slower.
+
+    Measured: docs/performance.md#gpt2benchpy-the-weight-streaming-bound
     """
 
     def __init__(self, config: GPT2Config, repeats: int = 7, sustained_calls: int = 0) -> None:

@@ -290,7 +290,8 @@ def to_engine_state_dict(raw: Mapping[str, torch.Tensor], *, source: str, config
 
 def holds_non_finite(value: torch.Tensor) -> bool:
     """Whether value holds NaN or inf (False for meta tensors): min and max propagate both, in one pass that
-    allocates no temporary tensor (torch.isfinite(value).all() takes ~20x as long)."""
+    allocates no temporary tensor, where torch.isfinite(value).all() allocates one of value's size and is much slower
+    (docs/performance.md#gpt2checkpointpy-the-non-finite-check)."""
     if value.is_meta or value.numel() == 0:
         return False
     low, high = torch.aminmax(value)

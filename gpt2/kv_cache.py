@@ -133,10 +133,8 @@ class ForwardStep:
 def zeros_on_demand(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """Zeros of shape; on the CPU in fresh anonymous memory, which Linux maps to the zero page and backs with memory
     only where a page is first written, so that a cache costs time and memory for the slots it holds, not its
-    length. torch.zeros writes the whole buffer: a 32-token prefill that allocates its 1024-slot cache (AMD EPYC,
-    Zen 2, 2 threads, median of 5 interleaved), torch.zeros against this: DialoGPT-small batch 1 66.1 / 62.9 ms,
-    batch 8 447.8 / 332.8; medium batch 1 239.2 / 200.4, batch 8 (805 MB of cache) 1509.7 / 1212.2; a 64-slot cache,
-    small batch 8, 353.5 / 351.7. torch.zeros elsewhere."""
+    length. torch.zeros writes the whole buffer, which made a short prefill into a long cache measurably slower, the
+    more so the larger the cache (docs/performance.md#gpt2kv_cachepy-a-lazily-zeroed-cache). torch.zeros elsewhere."""
     n_bytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or n_bytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
         return torch.zeros(shape, device=device, dtype=dtype)

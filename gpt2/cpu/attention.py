@@ -1,25 +1,15 @@
 """fp32 causal attention over the KV cache on the CPU, in C (`csrc/attention_f32.c`): prefill chunks above all, and
 decode steps outside `gpt2.cpu.decode_blocks` (whose one call runs the same kernel).
 
-torch's SDPA spends a DialoGPT prefill's attention mostly outside its arithmetic: 8 rows of 32 tokens over 12 heads
-of 64 took it 494-831 us a layer (416 us as separate matmul / mask / softmax / matmul ops) for 6 MFLOP. The C kernel
+torch's SDPA spends a DialoGPT prefill's attention mostly outside its arithmetic, a few MFLOP a layer. The C kernel
 reads each row's queries from the qkv matmul's output and its keys and values from the cache as they lie (strided
 views, no copies), and writes the heads' outputs straight into the (B, T, C) layout the output projection reads.
-Each query streams its keys and values alone, so where they outgrow L1 SDPA's blocked matmuls win. Measured on an
-AMD EPYC (Zen 4), 2 threads, 12 heads of 64 (16 for the 512-token prefill), fastest of 15, C kernel / SDPA:
+Each query streams its keys and values alone, so where they outgrow L1 SDPA's blocked matmuls win: measured with
+AVX-512 and with AVX2, the kernel is faster for chunks whose queries read a few hundred keys or fewer and for single
+queries over a long cache, slower for chunks over many keys. So a chunk of several queries takes the kernel while its
+queries read at most MAX_AVERAGE_KEYS keys on average, and a single query per row (a decode step) always.
 
-    rows x new tokens after cached    8 x 32 after 0    1 x 128 after 0   8 x 256 after 0   1 x 512 after 0
-                                      0.47              0.60              0.64              0.71
-                                      1 x 1024 after 0  8 x 32 after 500  1 x 32 after 900  8 x 1 after 1000
-                                      1.07              1.24              1.12              0.26
-
-and with AVX2 on an AMD EPYC (Zen 2), 12 heads of 64, the same cases in order (fastest of 15):
-
-                                      0.64              0.79              0.86              0.80
-                                      0.88              1.21              1.61              0.63
-
-So a chunk of several queries takes the kernel while its queries read at most MAX_AVERAGE_KEYS keys on average,
-and a single query per row (a decode step) always.
+Measured: docs/performance.md#gpt2cpuattentionpy-when-the-c-attention-runs
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The one place the model's CPU operations meet the C kernels: 1-16 fp32 rows go to the small-batch matmul, more rows
 of the sizes where it wins to the prefill matmul, fp32 attention to the C attention kernel, a decode step's blocks to
 one C call (`decode_blocks`); other fp32 and bf16 matmuls to oneDNN, the rest to `TorchBackend`. Why each choice:
-docs/performance.md.
+each module's docstring, and for oneDNN's matmul and fused GELU
+docs/performance.md#gpt2cpubackendpy-and-gpt2cudatriton_backendpy-backend-choices.
 """
 
 from __future__ import annotations

@@ -1,26 +1,19 @@
 """bf16 linear layers on the CPU with their weights reordered once into oneDNN's blocked layout.
 
 oneDNN's bf16 matmul (avx512_bf16 dot products, fp32 accumulation) reads a weight fastest in the blocked
-layout it picks for a given batch size; given a plain (out, in) weight it is no faster than fp32. Measured
-on an AMD EPYC (Zen 4, avx512_bf16), 2 threads, all DialoGPT-small block linears:
-
-    rows               1         8         256 (prefill)
-    fp32, plain        11.5 ms   22.4 ms   214 ms
-    bf16, plain        11.1 ms   13.2 ms   122 ms
-    bf16, packed (8)    7.1 ms    8.0 ms   107 ms
-    bf16, packed (1)   11.0 ms    9.5 ms   113 ms
-
-so the layout chosen for 8 rows serves every batch size, and the tied lm_head gets a packed copy too
-(at 1 row 2.1 ms against 4.1 ms plain). `pack_bf16` is applied by `gpt2.load(..., dtype=torch.bfloat16)`
-on CPUs where oneDNN runs bf16 natively.
+layout it picks for a given batch size; given a plain (out, in) weight it is no faster than fp32 at one row. The
+layout chosen for 8 rows (`PACKED_FOR_ROWS`) measured fastest at every row count measured (1, 8 and a 256-row
+prefill), so every layer is packed for 8, and the tied lm_head gets a packed copy too. `pack_bf16` is applied by
+`gpt2.load(..., dtype=torch.bfloat16)` on CPUs where oneDNN runs bf16 natively.
 
 Calls of 1-16 rows (decode steps) go instead to this engine's bf16 kernel (`gpt2.cpu.small_batch_matmul.matmul_bf16`)
 on the plain (out, in) weight, kept beside the packed one, where the kernels are built and the CPU has
-avx512_bf16: all DialoGPT-small decode matmuls at 1 row 10.4 ms against 15.2 packed, at 8 rows 11.9 against 19.1
-(that module's table). oneDNN keeps the longer calls, where its packed layout is the fastest (32 rows 31.8 ms
-against 47.6 on the plain one). So a packed bf16 model holds each block matrix twice, in bf16 (as much memory as
-its fp32 weights), and wte twice: the lm_head's plain weight is wte itself, beside its packed copy. A generation's
-decode steps run on the plain weights in one C call per step (`gpt2.cpu.decode_step`), not through these layers.
+avx512_bf16: there it is faster than the packed layout. oneDNN keeps the longer calls, where its packed layout is the
+fastest. So a packed bf16 model holds each block matrix twice, in bf16 (as much memory as its fp32 weights), and wte
+twice: the lm_head's plain weight is wte itself, beside its packed copy. A generation's decode steps run on the plain
+weights in one C call per step (`gpt2.cpu.decode_step`), not through these layers.
+
+Measured: docs/performance.md#gpt2cpubf16_linearpy-the-packed-bf16-layout
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ from .packed import CpuPackedLinear
 if TYPE_CHECKING:
     from ..model import GPT2
 
-PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the table above)
+PACKED_FOR_ROWS = 8  # the batch size oneDNN picks the blocked layout for (see the module docstring)
 
 
 def bf16_packing_available() -> bool:

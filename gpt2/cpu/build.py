@@ -1,6 +1,6 @@
 """This engine's C kernels for the CPU (`gpt2/cpu/csrc/`), built once with the system C compiler.
 
-The sources are compiled together (`cc -O3 -fopenmp` and the CPU's vector instructions, about 1.7 s) into one shared
+The sources are compiled together (`cc -O3 -fopenmp` and the CPU's vector instructions, a few seconds) into one shared
 library in the engine cache's `kernels` directory ($GPT2_ENGINE_CACHE, else ~/.cache/dialogpt-engine; kept private to
 this user, 0700), named by a hash of the sources and the command, its sha256 recorded beside it, and loaded with
 ctypes only where its bytes still have that sha256 (else rebuilt). Its OpenMP runtime is the libgomp torch has loaded,
@@ -8,8 +8,8 @@ so the kernels run on torch's threads. They are written in `csrc/simd.h`'s vecto
 the CPU has it, else AVX2 with FMA (`-mavx2 -mfma`). Without either, or with GPT2_CPU_KERNEL=0, the model keeps
 torch's ops; so it does, with a one-line warning, where the kernels cannot be built or loaded. `unavailable_reason()`
 says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows), `prefill_matmul` (of more rows),
-`cpu_attention` (causal attention over the KV cache), `decode_blocks` (a decode step's blocks in one call) and
-`cpu_decode_step` (a whole decode step, fp32, bf16 or int8, in one call).
+`attention` (causal attention over the KV cache), `decode_blocks` (a decode step's blocks in one call) and
+`decode_step` (a whole decode step, fp32, bf16 or int8, in one call).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
 # Block shapes measured faster on a CPU than csrc/small_batch_loop.h's and small_batch_matmul_int8.c's defaults, by
 # `cpu_kind()`: AMD's family 26 is Zen 5 (8 W rows a block for one input row, where Zen 4 and an Intel Xeon measured
-# one fastest: see small_batch_loop.h).
+# one fastest: see small_batch_loop.h; docs/performance.md#zen-5-2026-12-02-the-whole-step-in-one-c-call).
 TUNED_FLAGS = {("AuthenticAMD", "26"): ["-DSHAPE_1=8,1"]}
 LIBRARY_STEM = "cpu_kernels"
 

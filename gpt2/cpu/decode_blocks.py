@@ -1,28 +1,19 @@
 """A CPU fp32 decode step's transformer blocks in one C call (`csrc/decode_blocks_f32.c`), not ~25 torch ops each.
 
 After each weight matrix streams through, this CPU's caches hold nothing else: the next torch op finds its code,
-its tensors' metadata and the interpreter's objects in DRAM, and costs 8-30 us where it costs 1-4 us warm (a
-cache-slice copy: 3.7 us warm, 7.4 us after a 16 MB matmul, 20 us after a 64 MB read). A DialoGPT-medium decode
-step spent 7 ms of 36 in the ops between its matmuls, against 3 ms when nothing evicts them. The C kernel runs
-the same block (`gpt2.model.Block`) with the weights streamed by the small-batch matmul
-(`csrc/small_batch_matmul_f32.c`), gelu_new fused into c_fc, each row's new key and value written to its cache slot
-and attended in the same pass. Measured interleaved on an AMD EPYC (Zen 4), 2 threads, a 33-token cache, each
-decode step (median of 5) beside the weight-streaming bound sampled between them (21 ms small, 46 ms medium):
-
-    DialoGPT-   small b1   medium b1   small b8   medium b8
-    torch ops   1.00x      1.24x       31.7 ms    83.3 ms
-    one call    0.89x      1.02x       28.3 ms    72.8 ms
-
-and at the batch of an MMI chat's 10 candidates, and 16 (fastest of 15, another minute): small 42.7 -> 36.6 ms
-and 53.6 -> 42.1 ms, medium 112.5 -> 91.0 ms and 136.8 -> 98.4 ms. With AVX2 (an AMD EPYC of Zen 2), a whole
-batch-1 step against one GEMV over the same bytes, interleaved, median of 25: small 18.98 against 18.07 ms, medium
-44.96 against 41.06; of a small step 11.9 ms were this call, 5.5 the lm_head and 0.7 the rest. That rest is why
-a generation's decode loop runs the whole step, embeddings to logits, in one call instead (`gpt2.cpu.decode_step`);
-this call serves the model's forward.
+its tensors' metadata and the interpreter's objects in DRAM, and costs several times what it costs warm, so the ops
+between a decode step's matmuls take a sizeable share of the step. The C kernel runs the same block
+(`gpt2.model.Block`) with the weights streamed by the small-batch matmul (`csrc/small_batch_matmul_f32.c`), gelu_new
+fused into c_fc, each row's new key and value written to its cache slot and attended in the same pass. What is left
+outside it (the embeddings, the lm_head's dispatch and the Python around them) is why a generation's decode loop runs
+the whole step, embeddings to logits, in one call instead (`gpt2.cpu.decode_step`); this call serves the model's
+forward.
 
 It takes plain fp32 `nn.Linear` blocks (not quantized or packed) with a contiguous KV cache, 1-16 rows of one
 token each, outside autograd, where the C kernels are built (`gpt2.cpu.build`). The kernel's table of weight
 pointers is kept per model and rebuilt when a parameter is replaced or moved.
+
+Measured: docs/performance.md#gpt2cpudecode_blockspy-the-blocks-in-one-c-call
 """
 
 from __future__ import annotations
@@ -86,7 +77,8 @@ def block_tensors(model: GPT2, tensors_of: Callable[[nn.Module], tuple[torch.Ten
     linear's as `tensors_of` gives them (by default `linear_tensors`: its plain weight and bias), or None where it
     gives None for one.
 
-    Read from the modules' dicts: nn.Module's attribute lookups made this 0.7 ms of a medium decode step."""
+    Read from the modules' dicts, not through nn.Module's attribute lookups, which cost a noticeable share of a
+    decode step (docs/performance.md#gpt2cpudecode_blockspy-the-blocks-in-one-c-call)."""
     blocks = list(model.h._modules.values())
     tensors: list[torch.Tensor | None] = []
     for i, block in enumerate(blocks):

@@ -6,21 +6,19 @@ CPUs with avx512_vnni).
 `model(tokens, cache=...)` runs an fp32 step's blocks in one C call too (`gpt2.cpu.decode_blocks`), but around it a step
 costs about 30 torch ops and Python calls: the step's position tensors, the embeddings, the first LayerNorm, the check
 that the kernel's weight table still matches the model, the lm_head's dispatch. After the step's weights have
-streamed through, each of them finds its data in DRAM. Measured on an AMD EPYC (Zen 5), 2 threads, batch 1,
-interleaved, median of 41: the fp32 step through `model(...)` took 0.75-1.6 ms longer than its two C calls (blocks
-and lm_head) alone, against a weight-streaming bound of 8-13 ms. A bf16 or int8 step through `model(...)` runs
-torch's ops between its matmuls. Here the embeddings, that LayerNorm and the lm_head run inside the C call, the
-weight table is checked once per generation (as the CUDA graph pool checks its weights once per lease), and a step
-costs a few Python operations besides. The same machine, a step and its argmax, this against `model(...)`, median of
-25 interleaved: fp32 batch 1 11.56 / 12.08 ms (small), 23.33 / 24.23 (medium); bf16 batch 1 6.17 / 8.27 and 18.74 /
-22.69, batch 8 8.65 / 12.97 and 22.89 / 31.45. int8, on an Intel Xeon (AVX-512 VNNI), median of 15 interleaved: small
-batch 1 5.97 / 9.14 ms, batch 8 8.61 / 14.64, medium batch 1 15.73 / 23.91 (fbgemm's matmuls there).
+streamed through, each of them finds its data in DRAM, so together they cost a noticeable fraction of the
+weight-streaming bound. A bf16 or int8 step through `model(...)` runs torch's ops between its matmuls. Here the
+embeddings, that LayerNorm and the lm_head run inside the C call, the weight table is checked once per generation (as
+the CUDA graph pool checks its weights once per lease), and a step costs a few Python operations besides: a step and
+its argmax measured faster than through `model(...)` in fp32, bf16 and int8.
 
 It applies on the torch backend to fp32 or bf16 models whose block linears have plain weights (nn.Linear, or
 `gpt2.cpu.bf16_linear`'s layers) and whose lm_head is tied to wte or has a plain weight and no bias, and to int8 models
 (every block linear and the lm_head `Int8Linear`, n_embd a multiple of 64), at 1-16 rows over a contiguous cache of
 the model's dtype, n_embd a multiple of 16 (32 in bf16) and head_dim a multiple of 16 up to 256, outside autograd,
 where the kernels are built. Each call appends one token to every row.
+
+Measured: docs/performance.md#gpt2cpudecode_steppy-the-whole-step-in-one-c-call
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ _MADV_COLLAPSE = 25  # Linux 6.1+: back a range with huge pages now (not in Pyth
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy of CPU tensor t in fresh memory that Linux may back with 2 MiB pages; t itself where it cannot be.
 
-    Streaming a weight through 4 KiB pages costs TLB misses. Measured with oneDNN, 2 threads, AMD EPYC (Zen 4):
-    all batch-1 decode matmuls 18.1 vs 19.7 ms (DialoGPT-small shapes), 36.4 vs 44.1 ms (medium); whole greedy
-    decode step 20.8 vs 22.1 ms (small), 53.9 vs 55.8 ms (medium). Ordinary pages where huge pages are off.
+    Streaming a weight through 4 KiB pages costs TLB misses; in 2 MiB pages the decode matmuls and the whole decode
+    step measured faster (docs/performance.md#gpt2cpuhuge_pagespy-2-mib-pages). Ordinary pages where huge pages are
+    off.
     """
     n_bytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or n_bytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
@@ -45,8 +45,8 @@ def collapse_into_huge_pages(address: int, n_bytes: int) -> int:
     library allocated (oneDNN's packed weights, `gpt2.cpu.bf16_linear`) that cannot be copied into `huge_page_copy`'s.
 
     Only pages entirely inside the range are touched, so no neighbouring allocation is affected. Best effort:
-    returns the bytes collapsed, 0 where the kernel (before Linux 6.1) or the platform cannot. Measured on
-    DialoGPT-small's packed bf16 weights (152 of their 250 MB in whole pages): decode step 12.0 vs 13.2 ms.
+    returns the bytes collapsed, 0 where the kernel (before Linux 6.1) or the platform cannot. On packed bf16
+    weights it made the decode step faster (docs/performance.md#gpt2cpuhuge_pagespy-2-mib-pages).
     """
     start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
     end = (address + n_bytes) // _HUGE_PAGE * _HUGE_PAGE

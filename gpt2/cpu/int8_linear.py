@@ -4,14 +4,9 @@
 `Int8Linear`; the token embedding (a lookup) and everything else stay fp32, as do the KV cache, attention
 and LayerNorm. Each matmul is torch's dynamic-quantization kernel (`quantized::linear_dynamic`, fbgemm):
 it quantizes the input per tensor (uint8 with a zero point, from its min and max), multiplies int8 by int8
-into int32 and returns fp32 with the bias added. Chosen by measurement on an AMD EPYC (Zen 4, avx512_vnni),
-2 threads, DialoGPT-small:
-
-    decode step, 1 row / 8 rows   fp32 20.5 / 39.8 ms   int8 weight-only (bf16 activations) 12.5 / 35.0 ms
-                                  this path 7.5 / 13.6 ms
-    logits vs fp32, relative RMS  int8 weight-only 2.2 %  this path 3.2 %  (7-bit activations: 5.2 %)
-
-so it gives up one percent of logit error for 1.7-2.6x the weight-only speed. Activations use all 8 bits
+into int32 and returns fp32 with the bias added. Against int8 weights alone (with bf16 activations) it gives up about
+one percentage point of logit error (relative RMS against fp32, DialoGPT-small: 3.2% against 2.2%; 5.2% with 7-bit
+activations) for a decode step that measured markedly faster at 1 and 8 rows. Activations use all 8 bits
 where the CPU has VNNI (32-bit accumulation); without it fbgemm's 16-bit pairwise sums could saturate,
 so there they get 7 bits (`reduce_range`). The error against fp32 is printed by
 `benchmarks/bench_generation.py` and bounded in tests/test_quantize.py, both on seeded random weights.
@@ -24,8 +19,9 @@ instead (`gpt2.cpu.decode_step`, csrc/decode_step_int8.c), whose matmuls read a 
 beside fbgemm's packed ones (so the int8 linears take twice their int8 size: half the fp32 weights' memory, not a
 quarter) and quantize each input row on its own, by fbgemm's rule: a one-row step's logits are the forward's, a
 batched step's rows each get their own scale (DialoGPT-small's shape, 4 rows: 3.10% against fbgemm's 3.13% relative
-RMS error against fp32). On an Intel Xeon, 2 threads, the step against the forward through fbgemm: small batch 1
-5.97 / 9.14 ms, batch 8 8.61 / 14.64, medium batch 1 15.73 / 23.91.
+RMS error against fp32). That step measured faster than the forward through fbgemm.
+
+Measured: docs/performance.md#gpt2cpuint8_linearpy-dynamic-int8
 """
 
 from __future__ import annotations

@@ -5,38 +5,20 @@ A decode step at batch b reads every weight once for b rows, so up to a few rows
 fast they stream the weights. Torch's fastest route on the AMD EPYC (Zen 4) this engine is tuned on is oneDNN,
 which runs one row as `brg_matmul:avx2` (`ONEDNN_VERBOSE=1`); MKL streams at half its speed on AMD.
 `csrc/small_batch_matmul_f32.c` walks a block of weight rows at once with one vector accumulator per (input row,
-weight row), prefetching the next block as each streams (see the source for what that gained over prefetching
-each row's stream ahead, as when these were measured). All DialoGPT-small decode matmuls in sequence (494 MB,
-cold; 2 threads, fastest of 7 interleaved, on a machine whose bandwidth drifts 1.5x):
-
-    input rows      1          2          4          8          12         16
-    oneDNN          14.7 ms    17.0 ms    17.8 ms    22.1 ms    25.7 ms    29.6 ms
-    this kernel     12.1 ms    12.1 ms    13.4 ms    17.7 ms    21.9 ms    25.9 ms
-
-(in a quieter minute of the last session, 1 row: 10.0 against 15.1 ms, and a plain max-reduction over the same
-bytes 8.5 ms). A last pass of fewer than 4 rows costs it: 10 rows take 23.2 against 23.8 ms. With AVX2, on an AMD
-EPYC (Zen 2), median of 7 interleaved, where oneDNN's small matmuls are slower still (block shapes:
-csrc/small_batch_loop.h):
-
-    input rows      1          2          3          4          8          16
-    oneDNN          41.5 ms    73.2 ms    95.8 ms    96.6 ms    97.9 ms    119.2 ms
-    this kernel     20.6 ms    23.0 ms    24.0 ms    24.4 ms    27.7 ms    35.1 ms
-
-and one GEMV over a weight-sized matrix (494 MB) took it 22.4 ms against oneDNN's 22.3 and a max-reduction's
-21.8. More rows go to `gpt2.cpu.prefill_matmul` or oneDNN's GEMM.
+weight row), prefetching the next block as each streams (block shapes: csrc/small_batch_loop.h). It measured faster
+than oneDNN at every row count from 1 to 16, by the widest margin with AVX2, where oneDNN's small matmuls are slower
+still; a last pass of fewer than 4 rows narrows its lead. More rows go to `gpt2.cpu.prefill_matmul` or
+oneDNN's GEMM.
 
 The kernel is built with the engine's other C kernels (see `gpt2.cpu.build`); where they are unavailable the
 model keeps oneDNN. A decode step of plain fp32 blocks runs its block matmuls inside `gpt2.cpu.decode_blocks`; this
 module serves the lm_head and every other fp32 matmul of 1-16 rows.
 
 `matmul_bf16` is the same loop on bf16 (`csrc/small_batch_matmul_bf16.c`: avx512_bf16 dot products into fp32),
-for a bf16 model's decode steps (`gpt2.cpu.bf16_linear`). All DialoGPT-small decode matmuls in sequence (247 MB),
-median of 7 interleaved, against oneDNN on its packed layout and on the plain one:
+for a bf16 model's decode steps (`gpt2.cpu.bf16_linear`): at 1-16 rows faster than oneDNN on its packed layout or on
+the plain one.
 
-    input rows      1          4          8          16
-    oneDNN packed   15.2 ms    15.9 ms    19.1 ms    21.5 ms
-    oneDNN plain    23.0 ms    24.3 ms    25.9 ms    31.2 ms
-    this kernel     10.4 ms    10.8 ms    11.9 ms    17.7 ms
+Measured: docs/performance.md#gpt2cpusmall_batch_matmulpy-the-decode-matmuls
 """
 
 from __future__ import annotations

@@ -89,9 +89,9 @@ class StaticDecodeStep:
 class DecodeGraphPool:
     """KV caches with their captured decode steps, reused by every generate and chat call of the same shape.
 
-    Capturing a step costs two eager warm-up steps and the capture itself: on an H200, a DialoGPT-small
-    generate of 32 tokens spent as long capturing as on 20 replayed steps, and its decode time per token
-    fell from 1.24 to 0.72 ms once calls reused their graph. A graph reads and writes its cache's buffers,
+    Capturing a step costs two eager warm-up steps and the capture itself, as long as many replayed steps, so
+    reusing the graph across calls makes a short generate's decode much faster (measured:
+    docs/performance.md#gpt2cudadecode_graphpy-the-graph-pool). A graph reads and writes its cache's buffers,
     so the pool keeps the caches too: one per (batch size, cache length rounded up to LENGTH_BUCKET), the
     most recently used, at most MAX_ENTRIES of them and MAX_BYTES of caches (beyond the one just used). A
     cache is lent to one call at a time (a concurrent call of the same shape gets a new one). Moving or
