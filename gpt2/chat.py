@@ -248,11 +248,13 @@ class Chat:
         """Remember the turn and the chosen row's keys/values; returns the reply's text."""
         reply_turn = reply[:-1] if reply and reply[-1] == self.eos_token_id else reply
         held = len(plan.context) + len(reply) - 1  # the last chosen token was not fed to the cache
-        self._kv = (cache.k[:, row, :, :held].clone(), cache.v[:, row, :, :held].clone())  # each (L, H, held, D)
-        self._cached = plan.context + reply[:-1]
-        self.turns = plan.turns + [reply_turn]
-        self._replies += 1
-        return self.tokenizer.decode(reply_turn, skip_special_tokens=True)
+        kv = (cache.k[:, row, :, :held].clone(), cache.v[:, row, :, :held].clone())  # each (L, H, held, D)
+        text = self.tokenizer.decode(reply_turn, skip_special_tokens=True)
+        # Everything slow is done: the chat's state changes in one statement, so a Ctrl-C (KeyboardInterrupt) that
+        # stops a reply leaves the chat as it was before the turn, not half-updated.
+        self._kv, self._cached, self.turns, self._replies = (kv, plan.context + reply[:-1], plan.turns + [reply_turn],
+                                                             self._replies + 1)
+        return text
 
 
 def _check_batch(chats: list[Chat], texts: Sequence[str]) -> None:
