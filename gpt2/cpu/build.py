@@ -35,7 +35,7 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
 # Block shapes measured faster on a CPU than csrc/small_batch_loop.h's and small_batch_matmul_int8.c's defaults, by
 # `cpu_kind()`: AMD's family 26 is Zen 5 (8 W rows a block for one input row, where Zen 4 and an Intel Xeon measured
-# one fastest: see small_batch_loop.h; docs/performance.md#zen-5-2026-12-02-the-whole-step-in-one-c-call).
+# one fastest: docs/performance.md#csrcsmall_batch_looph-the-block-shapes-shape_1--shape_many-defaults-on-four-cpus).
 TUNED_FLAGS = {("AuthenticAMD", "26"): ["-DSHAPE_1=8,1"]}
 LIBRARY_STEM = "cpu_kernels"
 

@@ -1,5 +1,5 @@
 """A whole CPU decode step in one C call, token ids to logits: what a generate call's decode loop runs on the CPU where
-the C kernels take the step, for fp32 models (`decode_step_f32` in csrc/decode_blocks_f32.c), bf16 ones
+the C kernels take the step, for fp32 models (`csrc/decode_step_f32.c`), bf16 ones
 (`csrc/decode_step_bf16.c`, on CPUs with avx512_bf16) and int8 ones (`gpt2.cpu.int8_linear`; `csrc/decode_step_int8.c`, on
 CPUs with avx512_vnni).
 
@@ -41,7 +41,7 @@ LM_HEAD_BIAS = 5  # the lm_head's bias in a step's tensors (see `_plan`), the on
 
 
 class ModelWeights(ctypes.Structure):
-    """The model's parameters for a whole step (`model_weights` in decode_blocks_f32.c, `model_weights_bf16`,
+    """The model's parameters for a whole step (`model_weights`, `model_weights_bf16`,
     `model_weights_int8`: csrc/decode_weights.h)."""
 
     _fields_ = [("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p), ("ln_1_w", ctypes.c_void_p),

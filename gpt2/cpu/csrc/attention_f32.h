@@ -1,5 +1,5 @@
 /* Causal attention of a chunk of queries over a row's keys and values in fp32, on the CPU: called by
- * gpt2/cpu_attention.py and decode_blocks_f32.c, defined in attention_f32.c.
+ * gpt2/cpu/attention.py, defined in attention_f32.c (attention.h's kernel, which the decode steps run too).
  *
  * Query t of row b sits at position q_start[b] + t and attends keys [0, min(q_start[b] + t + 1, kv_len[b])): key
  * slot == position, as in the KV cache (gpt2/kv_cache.py). A query with no key gets zeros. q (B, H, T, D), k and v

@@ -1,7 +1,7 @@
-/* The weight tables of the decode-step kernels (decode_blocks_f32.c in fp32, decode_step_bf16.c in bf16,
- * decode_step_int8.c with int8 linears), laid out as gpt2/decode_blocks.py's BlockWeights and gpt2/cpu_decode_step.py's
- * ModelWeights: each weight row-major as in nn.Linear ([out, in]) and nn.LayerNorm; and the check of a step's inputs
- * that they all make, with the exported entry of the steps written for AVX-512. */
+/* The weight tables of the decode-step kernels (decode_blocks_f32.c and decode_step_f32.c in fp32, decode_step_bf16.c
+ * in bf16, decode_step_int8.c with int8 linears), laid out as gpt2/cpu/decode_blocks.py's BlockWeights and
+ * gpt2/cpu/decode_step.py's ModelWeights: each weight row-major as in nn.Linear ([out, in]) and nn.LayerNorm; and the
+ * check of a step's inputs that they all make, with the exported entry of the steps written for AVX-512. */
 #pragma once
 #include <stdint.h>
 

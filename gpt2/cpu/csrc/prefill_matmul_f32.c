@@ -5,16 +5,16 @@
  * operands are read as they lie, with no packed copy of W. The threads (OpenMP, torch's runtime) split W's rows; each
  * keeps a block of 4 W rows in L1 and walks a chunk of X's rows (CHUNK_BYTES of X) past it from L2, so W streams from
  * memory once per chunk. While a thread works on one block, it prefetches its next one into L1 a few lines per tile: in
- * a prefill each weight comes from DRAM, and without it each block's first tiles waited on memory (DialoGPT-small's qkv
- * matmul at 256 rows 57.5 -> 51.4 ms over the 12 layers; into L2 only, 52.2). Inputs wider than WHOLE_COLS go through
- * in slices, each tile adding its partial sums into Y: a whole 4-row block of 3072 floats would not stay in L1 beside
- * the X rows streaming past it (64 rows of 3072 x 768: 129 -> 177 GFLOP/s). Where this beats oneDNN's GEMM on an AMD
- * EPYC (Zen 4 with AVX-512, Zen 2 with AVX2), and so where it is used: see gpt2/prefill_matmul.py.
+ * a prefill each weight comes from DRAM, and without it each block's first tiles waited on memory. Inputs wider than
+ * WHOLE_COLS go through in slices, each tile adding its partial sums into Y: a whole 4-row block of 3072 floats would
+ * not stay in L1 beside the X rows streaming past it. Chosen: both, the prefetch into L1 (measured:
+ * docs/performance.md). Where this beats oneDNN's GEMM on an AMD EPYC (Zen 4 with AVX-512, Zen 2 with AVX2), and so
+ * where it is used: see gpt2/cpu/prefill_matmul.py.
  */
 #include "prefill_matmul.h"
 #include "simd_math.h"
 
-#define CHUNK_BYTES (512 * 1024) /* of X per pass over W: half of Zen 4's L2 (1 MiB slower; Zen 2: 256 KiB no faster) */
+#define CHUNK_BYTES (512 * 1024) /* of X per pass over W: half of Zen 4's L2 (measured: docs/performance.md) */
 #define WHOLE_COLS 1024 /* inputs up to this wide are summed whole; wider ones in slices of SLICE_COLS, added up in Y */
 #define SLICE_COLS 512
 #define TILE_W 4 /* W rows of a tile */

@@ -1,5 +1,5 @@
 /* The fp32 vector the CPU kernels in this folder are written in: AVX-512 (16 lanes) where the library is built with
- * -mavx512f, else AVX2 with FMA (8 lanes); gpt2/cpu_kernels.py picks the flags from the CPU. Each operation is the
+ * -mavx512f, else AVX2 with FMA (8 lanes); gpt2/cpu/build.py picks the flags from the CPU. Each operation is the
  * one intrinsic (or short sequence) of that instruction set, so the AVX-512 build compiles to what the kernels did
  * when they were written in its intrinsics. A mask (vmask) selects the first lanes of a vector: loads through one
  * read nothing past those lanes, and stores write nothing past them. */

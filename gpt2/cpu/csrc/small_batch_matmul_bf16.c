@@ -1,5 +1,5 @@
 /* Y = X W^T + b in bf16 for 1 to 16 input rows, optionally through gelu_new (see small_batch_matmul.h): the
- * decode-step matmuls of a bf16 model (gpt2/packed_linear.py).
+ * decode-step matmuls of a bf16 model (gpt2/cpu/bf16_linear.py).
  *
  * X is (m, cols), W (rows, cols), Y (m, rows), all row-major bf16; cols a multiple of 32; b may be NULL. The
  * products are avx512_bf16 dot products (pairs of bf16 multiplied exactly, summed into fp32); each output gets

@@ -15,17 +15,8 @@
  * cache line per W row at each step, so the whole next block is requested by the time this one ends (past W's
  * end nothing faults); a block of one W row prefetches its stream ONE_ROW_PREFETCH_BYTES ahead (see
  * small_batch_loop.h). Each W row of a DialoGPT matrix is only 48-256 lines, too short a stream for the hardware
- * prefetcher to run ahead of on its own. The next block against each of the block's n_w rows prefetching its own
- * stream 1 KiB ahead, measured before one-row blocks took their stream prefetch (whose measurement, against a row
- * ahead, is in small_batch_loop.h): every DialoGPT-small decode matmul in turn, 2 threads, Zen 4, median of 12
- * interleaved, 1 row 13.5 vs 16.1 ms, 2 rows 13.6 vs 15.7, 4 rows 17.5 vs 21.9, 8 rows 18.3 vs 30.1, 16 rows 29.2
- * vs 45.1; medium 1 row 53.8 vs 54.9, 8 rows 60.2 vs 81.3, 16 rows 80.8 vs 113.0 (in a slow stretch of this
- * machine). Whole fp32 decode steps, median of 27 interleaved: small b1 21.0 vs 22.8 ms, b8 24.8 vs 35.7; medium b1
- * 38.8 vs 43.0, b8 72.3 vs 96.0. Each pass over a block prefetches the next block again, and the repeat is needed:
- * the whole step at medium batch 8 (4 x 4 blocks, two passes), paired, median of 21, took 1.22x its time with the
- * prefetch in the first pass only, 1.32x in the last only, 1.17x with each pass prefetching half the next block's
- * lines, 1.15x with the second pass prefetching the block after next, 1.36x with none; two prefetches of each line
- * in every pass 1.00x. */
+ * prefetcher to run ahead of on its own. Chosen: the next block, rather than each W row's own stream ahead, and again
+ * in every pass over a block (measured: docs/performance.md). */
 
 /* Y[j, i] = X[j] . w[i] + b[i] for i < n_w (W rows of this block), j < n_x (input rows of this pass). */
 static inline __attribute__((always_inline)) void block(const float *w, const float *X, const float *b, float *Y,
@@ -60,12 +51,8 @@ SMALL_BATCH_KERNELS(float, float, float, float, cols, )
 
 /* One input row over rows longer than LONG_ROW_COLS (the MLP's c_proj, 3072-5120 columns) takes LONG_ROW_SHAPE_1's
  * blocks, several W rows at once: one W row a block reads x once per W line, and an x of 12 KiB or more does not
- * stay in L1 beside the W stream. On an AMD EPYC (Zen 4), 2 threads, paired against a 768-column matrix of the same
- * bytes, median of 31: a one-row matmul over 1024 x 4096 took 1.15-1.85x its time with 1 W row a block, 0.96-0.99x
- * with x held in a register instead (no loads of x), 1.06-1.21x with 4 W rows. The whole decode step against 1 W
- * row for every matrix, paired: medium 0.947 / 0.948 of its time with 4 / 8 W rows (median of 41; 0.913 in a
- * second run with 8), small 0.982 / 0.983 (61), the same logits; bf16's x is half the bytes, and its step was
- * within the noise (1.006 / 0.993), so bf16 keeps SHAPE_1. */
+ * stay in L1 beside the W stream. Chosen: 8 W rows; bf16, whose x is half the bytes, keeps SHAPE_1 (measured:
+ * docs/performance.md). */
 #define LONG_ROW_COLS 2048
 #define LONG_ROW_SHAPE_1 8, 1
 SMALL_BATCH_KERNEL_OF(float, float, float, float, cols, , matmul_1_long_rows, LONG_ROW_SHAPE_1)

@@ -1,5 +1,5 @@
 /* Y = X W^T + b for 1 to 16 fp32 input rows against int8 weights, optionally through gelu_new: the decode-step matmuls
- * of an int8 model (gpt2/quantize.py, decode_step_int8.c), on CPUs with avx512_vnni (int8.h).
+ * of an int8 model (gpt2/cpu/int8_linear.py, decode_step_int8.c), on CPUs with avx512_vnni (int8.h).
  *
  * W is (rows, cols) int8, row-major, with each row's scale, bias and sum of its int8 values beside it (int8_row);
  * X (m, cols) and Y (m, rows) fp32; cols a multiple of 64. Each input row is quantized on its own to uint8 with a
@@ -77,10 +77,7 @@ static inline INT8_TARGET __attribute__((always_inline)) __m512i lane_sums_16(co
  * One input row reads the block's W rows one after the other (they are contiguous: one sequential stream, prefetched
  * ONE_ROW_PREFETCH_BYTES ahead, as fp32's one-row blocks), each into one accumulator; more rows read them side by
  * side, each W vector against every input row, while the next block is prefetched a line per W row at each step.
- * The one-row order against side by side, on an AMD EPYC (Zen 4), the whole int8 decode step at batch 1, paired,
- * median of 31: 0.857 of its time (small) and 0.863 (medium) with 16 W rows a block, 0.872 / 0.860 with 8, the
- * same logits; then lane_sums_16 for the block's 16 sums 0.976 / 0.982; both together 0.839 / 0.840 (median of 41),
- * at batch 5 (a one-row pass after the four-row one) 0.897. */
+ * Chosen: the one-row order, and lane_sums_16 for a block's 16 sums (measured: docs/performance.md). */
 static inline INT8_TARGET __attribute__((always_inline)) void block(const int8_t *w, const quantized_row *X,
                                                                    const int8_row *p, float *Y, long n_w, long n_x,
                                                                    long cols, long y_stride, int gelu) {
@@ -128,17 +125,13 @@ static inline INT8_TARGET __attribute__((always_inline)) void block(const int8_t
 }
 
 /* One input row takes 16 W rows a block, whatever SHAPE_1 is (fp32's and bf16's one W row with AVX-512): a W row of
- * int8 is a quarter of an fp32 one's bytes, so a one-row block spends more of its time on its reduction and outputs.
- * Before the one-row order above, side by side: on an Intel Xeon, the int8 step with 1 / 4 / 8 / 16 W rows a block,
- * median of 21 interleaved, small batch 1 4.38 / 3.18 / 3.01 / 3.05 ms, medium 15.39 / - / 14.84 / 14.80; on Zen 4
- * the step 4-9% faster with 16 than with 8, paired; with the one-row order 16 and 8 were even there (above), and only
- * 16 takes lane_sums_16. */
+ * int8 is a quarter of an fp32 one's bytes, so a one-row block spends more of its time on its reduction and outputs,
+ * and only 16 takes lane_sums_16. Chosen: 16 (measured: docs/performance.md). */
 #ifndef INT8_SHAPE_1
 #define INT8_SHAPE_1 16, 1
 #endif
-/* Four or more input rows take passes of two over blocks of 8 W rows (SHAPE_2's), not fp32's 4 x 4: on Zen 4, the
- * whole int8 step paired against 4 x 4, median of 15-21, the same logits: small batch 4 0.928 of its time, batch 8
- * 0.953 / 0.974 (two runs), batch 16 0.897; medium batch 8 0.998. */
+/* Four or more input rows take passes of two over blocks of 8 W rows (SHAPE_2's), not fp32's 4 x 4 (measured:
+ * docs/performance.md). */
 #ifndef INT8_SHAPE_MANY
 #define INT8_SHAPE_MANY 8, 2
 #endif
