@@ -24,8 +24,8 @@ INTERPRETER_PROBLEM = interpreter_problem()  # Triton's interpreter cannot run t
 
 
 def test_bench_generation_smoke(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--smoke", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_generation", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "generation.json").read_text())
     tiny = results["sizes"]["tiny"]
@@ -58,9 +58,10 @@ def test_gpt2_bench_command(capsys):
     assert main(["bench", "--sizes", "tiny", "--batch", "1", "--new-tokens", "2", "--repeats", "1",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    engines = ["| this engine ", "| this engine int8 ", "| transformers sdpa "]
+    engines = ["| this engine ", "| this engine int8 "]
     for engine in engines + (["| this engine bf16 "] if bf16_packing_available() else []):
         assert engine in out
+    assert "transformers" not in out.split("\n\n")[0]  # the library's bench times this engine only
     assert "weight-streaming bound" in out
 
 
@@ -139,10 +140,14 @@ def test_bound_probe_keeps_the_fastest_kernel_of_each_sample():
 def test_measure_takes_prefill_samples_per_repeat():
     calls = []
     engine = Engine("fake", lambda prompts, n: calls.append(n) or [[0] * n for _ in prompts])
-    timings = measure([engine], [[1, 2]], n_new=3, repeats=2, prefill_samples=3)
+    turns = []
+    timings = measure([engine], [[1, 2]], n_new=3, repeats=2, prefill_samples=3, before_turn=lambda: turns.append(1),
+                      steal_clock=lambda: 0.0)
     assert calls == [1, 1, 1, 3, 1, 1, 1, 3]
+    assert turns == [1, 1]  # once before each engine's turn in each repeat
     t = timings["fake"]
     assert len(t.one) == len(t.one_steal) == 6 and len(t.full) == len(t.full_steal) == 2
+    assert measure([engine], [[1, 2]], n_new=3, repeats=1)["fake"].one_steal == []  # no clock, no steal samples
     assert len(t.prefill_by_repeat()) == 2
     with pytest.raises(ValueError, match="prefill_samples"):
         measure([engine], [[1, 2]], n_new=3, repeats=1, prefill_samples=0)
@@ -182,8 +187,8 @@ def test_ctranslate2_runs_in_worker_processes(tmp_path):
 
 def test_bench_generation_cuda_smoke(tmp_path):
     """The GPU benchmark's CPU smoke mode: this engine and transformers, fp32, tiny config."""
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation_cuda.py"), "--smoke", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_generation_cuda", "--smoke", "--out",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "generation-cuda-cpu-smoke.json").read_text())
     runs = results["sizes"]["tiny"]["runs"]
