@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .dispatch import DecodeFn, generation_cache
-from .generation import continue_from_cache, prefill
+from .decoding import continue_from_cache, prefill
 from .mmi import MMIReranker, check_same_vocabulary
 from .sampling import SEED_RANGE, SamplingParams, check_seed
+from .stop_strings import StopStrings, check_stop_strings
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -86,13 +87,15 @@ class Chat:
     `do_sample=False` for greedy, `max_new_tokens=40`). max_history_turns / max_history_tokens cap the
     history the model sees (None: only the context length limits it). seed makes replies reproducible
     (turn n samples with seed + n). With reverse_model, each reply is the MMI pick among n_candidates
-    sampled replies (temperature mmi_temperature; source: the newest mmi_source_turns turns).
+    sampled replies (temperature mmi_temperature; source: the newest mmi_source_turns turns). stop_strings: a reply
+    ends once its text contains one of them (the token completing it kept), as in `generate`.
     """
 
     def __init__(self, model: GPT2, *, max_history_turns: int | None = None,
                  max_history_tokens: int | None = DEFAULT_MAX_HISTORY_TOKENS, seed: int | None = None,
                  reverse_model: GPT2 | None = None, n_candidates: int = 10, mmi_temperature: float = 0.0,
-                 mmi_source_turns: int = 1, **sampling: Any) -> None:
+                 mmi_source_turns: int = 1, stop_strings: str | Sequence[str] | None = None,
+                 **sampling: Any) -> None:
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
             raise ValueError("the model has no tokenizer: load it with gpt2.load(), or set "
@@ -113,6 +116,7 @@ class Chat:
             if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
                 raise ValueError(f"{name}={cap!r} must be a positive integer or None")
         check_seed(seed)
+        self.stop_strings = check_stop_strings(stop_strings)
         self.max_history_turns = max_history_turns
         self.max_history_tokens = max_history_tokens
         self.seed = seed
@@ -201,9 +205,10 @@ class Chat:
 
         seeds = [chat._turn_seed() for chat in chats]
         streams = [None if seed is None else torch.Generator(device=model.device).manual_seed(seed) for seed in seeds]
+        stops = StopStrings(first.tokenizer, first.stop_strings, len(owner)) if first.stop_strings else None
         outputs = continue_from_cache(model, cache, logits, [plans[c].context for c in owner], params, on_token,
                                       row_generators=[streams[c] for c in owner] if params.do_sample else None,
-                                      decode=decode if cache is per_chat else None)
+                                      decode=decode if cache is per_chat else None, stops=stops).sequences
 
         replies = []
         for c, (chat, plan) in enumerate(zip(chats, plans)):
@@ -272,3 +277,6 @@ def _check_batch(chats: list[Chat], texts: Sequence[str]) -> None:
         if dataclasses.replace(chat.params, seed=None) != dataclasses.replace(first.params, seed=None):
             raise ValueError(f"chat {i} has different sampling settings than chat 0 ({chat.params} vs "
                              f"{first.params}): step them separately")
+        if chat.stop_strings != first.stop_strings:
+            raise ValueError(f"chat {i} has different stop_strings than chat 0 ({chat.stop_strings} vs "
+                             f"{first.stop_strings}): step them separately")

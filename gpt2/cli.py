@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import DTYPES, ConvertError, convert
 from .dispatch import BACKENDS
-from .generation import NonFiniteLogitsError
+from .decoding import NonFiniteLogitsError
 from .loading import load
 from .model import GPT2
 from .sampling import SamplingParams
@@ -108,6 +108,20 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _add_stop_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stop", action="append", metavar="TEXT", type=_stop_text,
+                   help="end a reply once its text contains TEXT, which is kept (repeatable; \\n and \\t are read "
+                        "as newline and tab)")
+
+
+def _stop_text(text: str) -> str:
+    """--stop's type: the text with \\n, \\t and \\\\ read as newline, tab and backslash (a shell passes them as typed)."""
+    return re.sub(r"\\([nt\\])", lambda m: STOP_ESCAPES[m.group(1)], _text_from_argv(text))
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in ("do_sample", *(flag[0] for flag in SAMPLING_FLAGS))}
 
@@ -153,6 +167,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="treat the prompt as one DialoGPT turn (append <|endoftext|>) and print the reply")
     defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
     _add_sampling_flags(p, defaults)
+    _add_stop_flag(p)
     p.set_defaults(handler=_run_generate)
 
 
@@ -179,7 +194,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         return 2
     decoder = tokenizer.stream_decoder()
     try:
-        model.generate([prompt], **dataclasses.asdict(params), on_token=lambda _row, token: _write(decoder.push(token)))
+        model.generate([prompt], **dataclasses.asdict(params), stop_strings=args.stop,
+                       on_token=lambda _row, token: _write(decoder.push(token)))
     except NonFiniteLogitsError as e:
         return _report_non_finite_logits("generate", e)
     except ValueError as e:  # e.g. prompt plus max_new_tokens longer than the model's context
@@ -221,6 +237,7 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"most history tokens the model sees; 0: only the context length limits it "
                         f"(default: {DEFAULT_MAX_HISTORY_TOKENS})")
     _add_sampling_flags(p, CHAT_DEFAULTS)
+    _add_stop_flag(p)
     p.set_defaults(handler=_run_chat)
 
 
@@ -231,7 +248,7 @@ def _run_chat(args: argparse.Namespace) -> int:
         chat = Chat(model, max_history_turns=args.max_history_turns,
                     max_history_tokens=args.max_history_tokens or None, seed=args.seed, reverse_model=reverse,
                     n_candidates=args.n_candidates, mmi_temperature=args.mmi_temperature,
-                    mmi_source_turns=args.mmi_source_turns, **_sampling(args))
+                    mmi_source_turns=args.mmi_source_turns, stop_strings=args.stop, **_sampling(args))
     except ValueError as e:  # a bad model, device or setting
         print(f"gpt2 chat: error: {e}", file=sys.stderr)
         return 2

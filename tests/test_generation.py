@@ -188,7 +188,7 @@ def broken_copy(model: GPT2, dtype: torch.dtype, poison) -> GPT2:
     ],
 )
 def test_nan_logits_raise_instead_of_returning_tokens(model, dtype, poison, where):
-    from gpt2.generation import NonFiniteLogitsError
+    from gpt2.decoding import NonFiniteLogitsError
 
     broken = broken_copy(model, dtype, poison)
     with pytest.raises(NonFiniteLogitsError, match=f"NaN or inf at {where} \\(rows 0, 1\\)"):
@@ -199,7 +199,7 @@ def test_nan_logits_raise_instead_of_returning_tokens(model, dtype, poison, wher
 
 def test_nan_logits_mid_generation_name_the_decode_step(model):
     """Only the positions past the prompt are broken: the prefill's logits are fine, the first decode step's not."""
-    from gpt2.generation import NonFiniteLogitsError
+    from gpt2.decoding import NonFiniteLogitsError
 
     broken = broken_copy(model, torch.float32, lambda m: m.wpe.weight[2:].fill_(float("nan")))
     with pytest.raises(NonFiniteLogitsError, match=r"NaN or inf at decode step 1 \(row 0\)"):
