@@ -22,7 +22,7 @@ import torch
 
 from .dispatch import DecodeFn, generation_cache
 from .decoding import continue_from_cache, prefill
-from .mmi import MMIReranker, check_same_vocabulary
+from .mmi import MMIReranker, check_same_vocabulary, rerank_together
 from .sampling import SEED_RANGE, SamplingParams, check_seed
 from .stop_strings import StopStrings, check_stop_strings
 
@@ -162,8 +162,9 @@ class Chat:
 
         The chats must share the model and sampling settings (seeds may differ). Each chat samples from its
         own random stream, so its reply is the one it would give alone (in fp32; see the module docstring). A chat with a reverse model
-        prefills its turn once and samples its n_candidates replies from copies of that cache; MMI chats
-        stream their reply once it is chosen.
+        prefills its turn once and samples its n_candidates replies from copies of that cache; the candidates of all
+        chats sharing a reverse model are scored in one batched forward, and MMI chats stream their reply once it is
+        chosen.
         """
         chats = list(chats)
         _check_batch(chats, texts)
@@ -172,16 +173,21 @@ class Chat:
         user_turns = [chat._user_turn(text) for chat, text in zip(chats, texts)]  # all checked before any work
         plans = [chat._plan(turn) for chat, turn in zip(chats, user_turns)]
 
+        owner = [c for c, chat in enumerate(chats) for _ in range(chat.n_candidates)]  # row -> chat index
         length = max(len(plan.context) for plan in plans) + params.max_new_tokens
-        with generation_cache(model, len(chats), length) as (per_chat, decode):
-            return Chat._reply(chats, plans, per_chat, decode, on_text)
+        with generation_cache(model, len(owner), length) as (cache, decode):
+            return Chat._reply(chats, plans, owner, cache, decode, on_text)
 
     @staticmethod
-    def _reply(chats: list[Chat], plans: list[_TurnPlan], per_chat: KVCache, decode: DecodeFn,
+    def _reply(chats: list[Chat], plans: list[_TurnPlan], owner: list[int], cache: KVCache, decode: DecodeFn,
                on_text: Callable[[int, str], None] | None) -> list[str]:
-        """say_many's turn over an empty cache of one row per chat, decode being its step; commits each reply."""
+        """say_many's turn over an empty cache of a row per reply candidate (row r answers chat owner[r]), decode being
+        its step; commits each reply. Each chat's turn is prefilled once: straight into cache where each chat has one
+        row, else into a cache of a row per chat whose rows cache then copies for the candidates."""
         first = chats[0]
         model, params = first.model, first.params
+        shared = len(owner) == len(chats)
+        per_chat = cache if shared else model.new_cache(len(chats), max(len(plan.context) for plan in plans))
         for c, (chat, plan) in enumerate(zip(chats, plans)):
             if plan.reused:
                 k, v = chat._kv  # each (L, H, n, D)
@@ -189,9 +195,9 @@ class Chat:
                 per_chat.v[:, c, :, :plan.reused] = v[:, :, :plan.reused]
         per_chat.lengths = [plan.reused for plan in plans]
         logits = prefill(model, per_chat, [plan.context[plan.reused:] for plan in plans])  # (C, V)
-        owner = [c for c, chat in enumerate(chats) for _ in range(chat.n_candidates)]  # row -> chat index
-        cache = per_chat if len(owner) == len(chats) else per_chat.repeat_rows(owner)
-        logits = logits[torch.tensor(owner, device=logits.device)]  # (R, V)
+        if not shared:
+            cache.take_rows(per_chat, owner)
+            logits = logits[torch.tensor(owner, device=logits.device)]  # (R, V)
 
         decoders: dict[int, StreamDecoder] = {}
         on_token = None
@@ -208,16 +214,20 @@ class Chat:
         stops = StopStrings(first.tokenizer, first.stop_strings, len(owner)) if first.stop_strings else None
         outputs = continue_from_cache(model, cache, logits, [plans[c].context for c in owner], params, on_token,
                                       row_generators=[streams[c] for c in owner] if params.do_sample else None,
-                                      decode=decode if cache is per_chat else None, stops=stops).sequences
+                                      decode=decode, stops=stops).sequences
+
+        rows = [[row for row, o in enumerate(owner) if o == c] for c in range(len(chats))]  # each chat's rows
+        chosen = [chat_rows[0] for chat_rows in rows]
+        mmi = [c for c, chat in enumerate(chats) if chat.reranker is not None]
+        picks = rerank_together([chats[c].reranker for c in mmi], [plans[c].turns for c in mmi],
+                                [[outputs[r] for r in rows[c]] for c in mmi],
+                                [None if seeds[c] is None else torch.Generator().manual_seed(seeds[c]) for c in mmi])
+        for c, (best, _) in zip(mmi, picks):
+            chosen[c] = rows[c][best]
 
         replies = []
         for c, (chat, plan) in enumerate(zip(chats, plans)):
-            rows = [row for row, o in enumerate(owner) if o == c]
-            row = rows[0]
-            if chat.reranker is not None:
-                generator = None if seeds[c] is None else torch.Generator().manual_seed(seeds[c])
-                best, _ = chat.reranker.rerank(plan.turns, [outputs[r] for r in rows], generator)
-                row = rows[best]
+            row = chosen[c]
             reply = outputs[row]
             text = chat._commit(plan, reply, cache, row)
             if on_text is not None:

@@ -56,6 +56,18 @@ def prefill(model: GPT2, cache: KVCache, rows: list[list[int]]) -> torch.Tensor:
     return model(ids, cache=cache, n_new=[len(r) for r in rows], last_only=True)
 
 
+def prefill_shared(model: GPT2, cache: KVCache, rows: list[list[int]], owner: list[int]) -> torch.Tensor:
+    """Prefill each prompt once for every cache row that continues it (row r continues prompt owner[r]: n-best
+    sampling, beams, MMI candidates); logits (R, V) at each row's prompt's last token. Where each prompt has one row
+    the prompts go straight into cache; else into a cache of their own length, whose rows cache then copies."""
+    if owner == list(range(len(rows))):
+        return prefill(model, cache, rows)
+    once = model.new_cache(len(rows), max(len(r) for r in rows))
+    logits = prefill(model, once, rows)  # (P, V)
+    cache.take_rows(once, owner)
+    return logits[torch.tensor(owner, device=logits.device)]
+
+
 def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histories: list[list[int]],
                         params: SamplingParams, on_token: TokenCallback | None = None,
                         row_generators: list[torch.Generator | None] | None = None,

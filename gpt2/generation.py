@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .decoding import GenerateOutput, TokenCallback, continue_from_cache, prefill
+from .decoding import GenerateOutput, TokenCallback, continue_from_cache, prefill_shared
 from .dispatch import generation_cache
 from .sampling import SamplingParams
 from .stop_strings import StopStrings, check_stop_strings
@@ -67,13 +67,16 @@ def generate(
     eos_token_id: int | None = 50256,
     seed: int | None = None,
     on_token: TokenCallback | None = None,
+    num_return_sequences: int = 1,
     stop_strings: str | Sequence[str] | None = None,
     return_dict: bool = False,
 ) -> list[list[int]] | GenerateOutput:
-    """The new tokens of each prompt; a row stops after eos (included), once its text contains one of stop_strings
-    (decoded with model.tokenizer; the token completing it included), or at max_new_tokens.
+    """The new tokens of each returned sequence; a sequence stops after eos (included), once its text contains one of
+    stop_strings (decoded with model.tokenizer; the token completing it included), or at max_new_tokens.
 
-    return_dict: a `GenerateOutput` instead, with each token's log-probability and each sequence's score.
+    num_return_sequences: sequences per prompt, prompt-major (with do_sample, k samples continuing one prefill of the
+    prompt). on_token(i, token) streams each token of sequence i as it is chosen. return_dict: a `GenerateOutput`
+    instead, with each token's log-probability and each sequence's score.
     """
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                             no_repeat_ngram_size, min_new_tokens, eos_token_id, seed)
@@ -82,14 +85,25 @@ def generate(
         raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {vocab_size})")
     if not isinstance(return_dict, bool):
         raise ValueError(f"return_dict={return_dict!r} must be True or False")
+    check_count("num_return_sequences", num_return_sequences)
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True (n-best sampling) or "
+                         "num_beams >= num_return_sequences (beam search): greedy decoding would return copies")
     rows = validate_prompts(prompts, vocab_size)
     check_lengths(model, rows, max_new_tokens)
-    stops = stop_watcher(model, stop_strings, len(rows))
-    with generation_cache(model, len(rows), max(len(r) for r in rows) + max_new_tokens) as (cache, decode):
-        logits = prefill(model, cache, rows)
-        out = continue_from_cache(model, cache, logits, rows, params, on_token, decode=decode, stops=stops,
-                                  with_logprobs=return_dict)
+    owner = [i for i in range(len(rows)) for _ in range(num_return_sequences)]  # sequence -> its prompt
+    stops = stop_watcher(model, stop_strings, len(owner))
+    with generation_cache(model, len(owner), max(len(r) for r in rows) + max_new_tokens) as (cache, decode):
+        logits = prefill_shared(model, cache, rows, owner)
+        out = continue_from_cache(model, cache, logits, [rows[i] for i in owner], params, on_token, decode=decode,
+                                  stops=stops, with_logprobs=return_dict)
     return out if return_dict else out.sequences
+
+
+def check_count(name: str, value: object) -> None:
+    """value must be a positive integer, else a ValueError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def check_lengths(model: GPT2, rows: list[list[int]], max_new_tokens: int, which: str = "the model") -> None:

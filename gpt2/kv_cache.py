@@ -7,7 +7,6 @@ Rows of a batch may hold different numbers of tokens (`lengths`); a forward over
 
 from __future__ import annotations
 
-import copy
 import math
 import mmap
 from dataclasses import dataclass
@@ -196,13 +195,18 @@ class KVCache:
         """Views (B, H, kv_span, D) of the layer's buffers that this step attends over."""
         return self.k[layer, :, :, :step.kv_span], self.v[layer, :, :, :step.kv_span]
 
-    def repeat_rows(self, rows: list[int]) -> KVCache:
-        """A new cache whose row i holds a copy of this cache's row rows[i] (its tokens and length)."""
+    def take_rows(self, source: KVCache, rows: list[int]) -> None:
+        """Row i of this cache becomes a copy of source's row rows[i] (its tokens and length): one batched copy of the
+        slots source's rows hold, however long this cache is (n rows continuing one prompt share its prefill)."""
+        if len(rows) != self.batch_size:
+            raise ValueError(f"take_rows: {len(rows)} rows for a cache of {self.batch_size}")
+        held = max(source.lengths[r] for r in rows)
+        if held > self.max_len:
+            raise ValueError(f"take_rows: source rows hold {held} tokens, more than this cache's {self.max_len}")
         index = torch.tensor(rows, device=self.k.device)
-        repeated = copy.copy(self)
-        repeated.k, repeated.v = self.k[:, index], self.v[:, index]  # each (L, len(rows), H, S, D)
-        repeated.lengths = [self.lengths[r] for r in rows]
-        return repeated
+        self.k[:, :, :, :held] = source.k[:, index, :, :held]  # (L, len(rows), H, held, D)
+        self.v[:, :, :, :held] = source.v[:, index, :, :held]
+        self.lengths = [source.lengths[r] for r in rows]
 
     def commit(self, step: ForwardStep) -> None:
         self.lengths = [s + n for s, n in zip(step.q_start_host, step.n_new_host)]
