@@ -7,11 +7,13 @@ generates exactly what it would alone (bf16 and int8 logits may differ by roundi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from .beam_search import beam_search
 from .decoding import GenerateOutput, TokenCallback, continue_from_cache, prefill_shared
 from .dispatch import generation_cache
 from .sampling import SamplingParams
@@ -67,6 +69,9 @@ def generate(
     eos_token_id: int | None = 50256,
     seed: int | None = None,
     on_token: TokenCallback | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     stop_strings: str | Sequence[str] | None = None,
     return_dict: bool = False,
@@ -74,8 +79,10 @@ def generate(
     """The new tokens of each returned sequence; a sequence stops after eos (included), once its text contains one of
     stop_strings (decoded with model.tokenizer; the token completing it included), or at max_new_tokens.
 
-    num_return_sequences: sequences per prompt, prompt-major (with do_sample, k samples continuing one prefill of the
-    prompt). on_token(i, token) streams each token of sequence i as it is chosen. return_dict: a `GenerateOutput`
+    num_beams > 1: beam search, as transformers' (length_penalty, early_stopping True, False or "never"), returning
+    each prompt's num_return_sequences best hypotheses. num_return_sequences: sequences per prompt, prompt-major (with
+    do_sample: k samples continuing one prefill of the prompt). on_token(i, token) streams each token of sequence i
+    as it is chosen (not with beams, which choose their sequences at the end). return_dict: a `GenerateOutput`
     instead, with each token's log-probability and each sequence's score.
     """
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
@@ -86,19 +93,54 @@ def generate(
     if not isinstance(return_dict, bool):
         raise ValueError(f"return_dict={return_dict!r} must be True or False")
     check_count("num_return_sequences", num_return_sequences)
-    if num_return_sequences > 1 and not do_sample:
-        raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True (n-best sampling) or "
-                         "num_beams >= num_return_sequences (beam search): greedy decoding would return copies")
+    check_beam_settings(num_beams, length_penalty, early_stopping, num_return_sequences, params, stop_strings,
+                        on_token)
     rows = validate_prompts(prompts, vocab_size)
     check_lengths(model, rows, max_new_tokens)
+    length = max(len(r) for r in rows) + max_new_tokens
+    if num_beams > 1:
+        owner = [i for i in range(len(rows)) for _ in range(num_beams)]  # beam -> its prompt
+        with generation_cache(model, len(owner), length) as (cache, decode):
+            logits = prefill_shared(model, cache, rows, owner)
+            out = beam_search(model, cache, logits, rows, params, decode, num_beams, length_penalty, early_stopping,
+                              num_return_sequences)
+        return out if return_dict else out.sequences
     owner = [i for i in range(len(rows)) for _ in range(num_return_sequences)]  # sequence -> its prompt
     stops = stop_watcher(model, stop_strings, len(owner))
-    with generation_cache(model, len(owner), max(len(r) for r in rows) + max_new_tokens) as (cache, decode):
+    with generation_cache(model, len(owner), length) as (cache, decode):
         logits = prefill_shared(model, cache, rows, owner)
         out = continue_from_cache(model, cache, logits, [rows[i] for i in owner], params, on_token, decode=decode,
                                   stops=stops, with_logprobs=return_dict)
     return out if return_dict else out.sequences
 
+
+def check_beam_settings(num_beams: int, length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
+                        params: SamplingParams, stop_strings: str | Sequence[str] | None,
+                        on_token: TokenCallback | None) -> None:
+    """Refuse beam settings that are malformed or that this engine's beam search does not combine, by name."""
+    check_count("num_beams", num_beams)
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or not math.isfinite(
+            length_penalty):
+        raise ValueError(f"length_penalty={length_penalty!r} must be a finite number")
+    if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
+        raise ValueError(f"early_stopping={early_stopping!r} must be True, False or \"never\"")
+    if num_beams == 1:
+        if num_return_sequences > 1 and not params.do_sample:
+            raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True (n-best sampling) or "
+                             "num_beams >= num_return_sequences (beam search): greedy decoding would return copies")
+        return
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} exceeds num_beams={num_beams}: beam search "
+                         "returns at most num_beams hypotheses per prompt")
+    if params.do_sample:
+        raise ValueError(f"num_beams={num_beams} with do_sample=True (beam sampling) is not supported: beam search "
+                         "here is deterministic; use num_return_sequences with do_sample for several samples")
+    if stop_strings:
+        raise ValueError(f"stop_strings with num_beams={num_beams} is not supported: a beam ends at eos or "
+                         "max_new_tokens")
+    if on_token is not None:
+        raise ValueError(f"on_token with num_beams={num_beams}: beam search chooses its sequences only at the end, "
+                         "so there is nothing to stream")
 
 def check_count(name: str, value: object) -> None:
     """value must be a positive integer, else a ValueError naming it."""

@@ -208,6 +208,21 @@ class KVCache:
         self.v[:, :, :, :held] = source.v[:, index, :, :held]
         self.lengths = [source.lengths[r] for r in rows]
 
+    def reorder_rows(self, parents: list[int], shared: list[int] | None = None) -> None:
+        """Row r becomes a copy of row parents[r] (beam search: each row takes the beam it continues). shared[r]: how
+        many leading slots row r already holds the same as its parent (a common prompt and common first tokens: a
+        slot's keys depend on its token and all before it), default 0. Only the rows whose parent is another row are
+        copied, and only from the first slot one of them does not share to the last their parents hold."""
+        shared = shared or [0] * len(parents)
+        moved = [r for r, p in enumerate(parents) if p != r and shared[r] < self.lengths[p]]
+        if moved:
+            start, held = min(shared[r] for r in moved), max(self.lengths[parents[r]] for r in moved)
+            rows = torch.tensor(moved, device=self.k.device)
+            sources = torch.tensor([parents[r] for r in moved], device=self.k.device)
+            self.k[:, rows, :, start:held] = self.k[:, sources, :, start:held]  # gathered (L, m, H, n, D) first
+            self.v[:, rows, :, start:held] = self.v[:, sources, :, start:held]
+        self.lengths = [self.lengths[p] for p in parents]
+
     def commit(self, step: ForwardStep) -> None:
         self.lengths = [s + n for s, n in zip(step.q_start_host, step.n_new_host)]
 
