@@ -35,6 +35,7 @@ class GenerateOutput:
     sequences: list[list[int]]
     logprobs: list[list[float]]  # logprobs[i][j]: log-softmax of the model's raw logits at token j of sequence i
     scores: list[float]  # beam search: transformers' length-penalised beam score; otherwise sum(logprobs[i])
+    draft_acceptance: float | None = None  # with a draft model: the share of its proposed tokens the target kept
 
 
 def check_finite(logits: torch.Tensor, step: int, finished: list[bool]) -> None:

@@ -17,6 +17,7 @@ from .beam_search import beam_search
 from .decoding import GenerateOutput, TokenCallback, continue_from_cache, prefill_shared
 from .dispatch import generation_cache
 from .sampling import SamplingParams
+from .speculative import Draft, speculative_decode
 from .stop_strings import StopStrings, check_stop_strings
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def generate(
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     stop_strings: str | Sequence[str] | None = None,
+    draft_model: GPT2 | None = None,
     return_dict: bool = False,
 ) -> list[list[int]] | GenerateOutput:
     """The new tokens of each returned sequence; a sequence stops after eos (included), once its text contains one of
@@ -82,8 +84,10 @@ def generate(
     num_beams > 1: beam search, as transformers' (length_penalty, early_stopping True, False or "never"), returning
     each prompt's num_return_sequences best hypotheses. num_return_sequences: sequences per prompt, prompt-major (with
     do_sample: k samples continuing one prefill of the prompt). on_token(i, token) streams each token of sequence i
-    as it is chosen (not with beams, which choose their sequences at the end). return_dict: a `GenerateOutput`
-    instead, with each token's log-probability and each sequence's score.
+    as it is chosen (not with beams, which choose their sequences at the end). draft_model: speculative decoding
+    (`gpt2.speculative`) with another loaded model of the same vocabulary proposing tokens; the output is the one
+    without it (greedy: token for token; sampling: in distribution). return_dict: a `GenerateOutput` instead, with
+    each token's log-probability and each sequence's score.
     """
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                             no_repeat_ngram_size, min_new_tokens, eos_token_id, seed)
@@ -97,6 +101,9 @@ def generate(
                         on_token)
     rows = validate_prompts(prompts, vocab_size)
     check_lengths(model, rows, max_new_tokens)
+    if draft_model is not None:
+        check_draft(model, draft_model, num_beams)
+        check_lengths(draft_model, rows, max_new_tokens, "the draft model")
     length = max(len(r) for r in rows) + max_new_tokens
     if num_beams > 1:
         owner = [i for i in range(len(rows)) for _ in range(num_beams)]  # beam -> its prompt
@@ -107,11 +114,34 @@ def generate(
         return out if return_dict else out.sequences
     owner = [i for i in range(len(rows)) for _ in range(num_return_sequences)]  # sequence -> its prompt
     stops = stop_watcher(model, stop_strings, len(owner))
+    histories = [rows[i] for i in owner]
+    if draft_model is not None:
+        with (generation_cache(model, len(owner), length) as (cache, decode),
+              generation_cache(draft_model, len(owner), length) as (draft_cache, draft_decode)):
+            logits = prefill_shared(model, cache, rows, owner)
+            prefill_shared(draft_model, draft_cache, rows, owner)
+            out = speculative_decode(model, cache, decode, Draft(draft_model, draft_cache, draft_decode), logits,
+                                     histories, params, on_token, stops, with_logprobs=return_dict)
+        return out if return_dict else out.sequences
     with generation_cache(model, len(owner), length) as (cache, decode):
         logits = prefill_shared(model, cache, rows, owner)
-        out = continue_from_cache(model, cache, logits, [rows[i] for i in owner], params, on_token, decode=decode,
-                                  stops=stops, with_logprobs=return_dict)
+        out = continue_from_cache(model, cache, logits, histories, params, on_token, decode=decode, stops=stops,
+                                  with_logprobs=return_dict)
     return out if return_dict else out.sequences
+
+
+def check_draft(model: GPT2, draft_model: GPT2, num_beams: int) -> None:
+    """A draft must be a loaded model on the target's device with its vocabulary, and not combined with beams."""
+    if not hasattr(draft_model, "config") or not callable(getattr(draft_model, "generate", None)):
+        raise ValueError(f"draft_model must be a loaded model (gpt2.load), got {type(draft_model).__name__}")
+    if draft_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft_model has a vocabulary of {draft_model.config.vocab_size} tokens, the model "
+                         f"{model.config.vocab_size}: the draft must share the model's vocabulary")
+    if draft_model.device != model.device:
+        raise ValueError(f"draft_model is on {draft_model.device}, the model on {model.device}: put both on one device")
+    if num_beams > 1:
+        raise ValueError(f"draft_model with num_beams={num_beams} is not supported: speculative decoding runs greedy "
+                         "or sampled decoding")
 
 
 def check_beam_settings(num_beams: int, length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
