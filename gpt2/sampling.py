@@ -209,8 +209,20 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, generator: RandomS
         # whole vocabulary (a 50257-wide sort per step costs milliseconds on the CPU).
         logits, token_ids = torch.topk(logits, params.top_k, dim=-1)  # (B, k) each
     probs = apply_top_p(logits, params.top_p).softmax(dim=-1)  # (B, k or V)
-    if isinstance(generator, list):
-        picks = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
-    else:
-        picks = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    picks = draw(probs, generator)[:, None]  # (B, 1)
     return (picks if token_ids is None else token_ids.gather(-1, picks))[:, 0]
+
+
+def draw(probs: torch.Tensor, generator: RandomStreams) -> torch.Tensor:
+    """One index per row of probs (B, n), drawn from the row's distribution with its random stream (see
+    `choose_next`) -> (B,)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def uniform(rows: int, generator: RandomStreams, device: torch.device) -> torch.Tensor:
+    """One draw from U[0, 1) per row, each from the row's random stream (see `choose_next`) -> (rows,)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=device) for g in generator])
+    return torch.rand(rows, generator=generator, device=device)

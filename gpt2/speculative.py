@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .decoding import GenerateOutput, TokenCallback, check_finite
-from .sampling import LogitsProcessors, SamplingParams, choose_next, next_token_probs
+from .sampling import LogitsProcessors, RandomStreams, SamplingParams, choose_next, draw, next_token_probs, uniform
 
 if TYPE_CHECKING:
     from .dispatch import DecodeFn
@@ -78,13 +78,15 @@ class Draft:
 
 def speculative_decode(model: GPT2, cache: KVCache, decode: DecodeFn, draft: Draft, logits: torch.Tensor,
                        histories: list[list[int]], params: SamplingParams, on_token: TokenCallback | None = None,
-                       stops: StopStrings | None = None, with_logprobs: bool = False) -> GenerateOutput:
+                       stops: StopStrings | None = None, with_logprobs: bool = False,
+                       row_generators: list[torch.Generator | None] | None = None) -> GenerateOutput:
     """`gpt2.decoding.continue_from_cache` with a draft: both caches hold each row's history, logits (B, V) the
-    target's at its last token; the result also says how many of the draft's tokens the target kept."""
+    target's at its last token; the result also says how many of the draft's tokens the target kept. Sampling draws
+    from one stream seeded by params.seed, or from row_generators, each row's own."""
     device = model.device
     batch, vocab_size = logits.shape
-    generator = None
-    if params.do_sample and params.seed is not None:
+    generator: RandomStreams = row_generators
+    if row_generators is None and params.do_sample and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     rows = Rows(params, LogitsProcessors(params, histories, vocab_size, device), on_token, stops,
                 [[] for _ in range(batch)], [[] for _ in range(batch)], [False] * batch)
@@ -114,7 +116,7 @@ def speculative_decode(model: GPT2, cache: KVCache, decode: DecodeFn, draft: Dra
     return GenerateOutput(rows.tokens, rows.logprobs if with_logprobs else [], scores, acceptance)
 
 
-def first_tokens(rows: Rows, logits: torch.Tensor, generator: torch.Generator | None,
+def first_tokens(rows: Rows, logits: torch.Tensor, generator: RandomStreams,
                  with_logprobs: bool) -> list[int]:
     """Each row's first token, from the target's prefill logits (B, V), as the plain decode loop chooses it."""
     logits = logits.float()
@@ -127,7 +129,7 @@ def first_tokens(rows: Rows, logits: torch.Tensor, generator: torch.Generator | 
 
 
 def target_step(rows: Rows, decode: DecodeFn, cache: KVCache, draft: Draft, last: list[int], held: list[int],
-                generator: torch.Generator | None, with_logprobs: bool) -> None:
+                generator: RandomStreams, with_logprobs: bool) -> None:
     """A round without proposals (no room left for one): one target decode step, as the plain loop runs it."""
     logits = decode(torch.tensor(last, device=cache.k.device)).float()  # (B, V)
     check_finite(logits, min(len(rows.tokens[row]) for row in rows.live()), rows.finished)
@@ -143,7 +145,7 @@ def target_step(rows: Rows, decode: DecodeFn, cache: KVCache, draft: Draft, last
 
 
 def propose(draft: Draft, processors: LogitsProcessors, last: list[int], live: list[int], g: int,
-            params: SamplingParams, generator: torch.Generator | None) -> tuple[list[list[int]], list[torch.Tensor]]:
+            params: SamplingParams, generator: RandomStreams) -> tuple[list[list[int]], list[torch.Tensor]]:
     """g draft tokens per row (for the rows in live; the others' are ignored), and with sampling the distribution
     (B, V) each position's were drawn from. The draft first takes what it lags behind the target (`Draft.pending`)
     with each row's last token, then feeds its own proposals but the last."""
@@ -167,7 +169,7 @@ def propose(draft: Draft, processors: LogitsProcessors, last: list[int], live: l
         processed = processors(logits.float())  # (B, V)
         if params.do_sample:
             q.append(next_token_probs(processed, params))
-            tokens = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
+            tokens = draw(q[-1], generator)
         else:
             tokens = processed.argmax(dim=-1)
         picked = tokens.tolist()
@@ -180,7 +182,7 @@ def propose(draft: Draft, processors: LogitsProcessors, last: list[int], live: l
 
 
 def verify(model: GPT2, cache: KVCache, rows: Rows, last: list[int], drafts: list[list[int]], q: list[torch.Tensor],
-           live: list[int], params: SamplingParams, generator: torch.Generator | None,
+           live: list[int], params: SamplingParams, generator: RandomStreams,
            with_logprobs: bool) -> list[int]:
     """The target's forward over [last, proposals] for the rows in live, and the tokens each row keeps (`Rows.take`);
     returns per row how many tokens it took this round."""
@@ -220,7 +222,7 @@ def verify(model: GPT2, cache: KVCache, rows: Rows, last: list[int], drafts: lis
 
 
 def check_proposals(processed: torch.Tensor, proposals: torch.Tensor, q: torch.Tensor | None,
-                    params: SamplingParams, generator: torch.Generator | None) -> tuple[list[bool], list[int]]:
+                    params: SamplingParams, generator: RandomStreams) -> tuple[list[bool], list[int]]:
     """Per row, whether the target keeps its proposal, and the token it takes instead where it does not.
 
     processed (B, V): the target's processed logits at the proposals; q (B, V): the distribution the proposals were
@@ -233,8 +235,8 @@ def check_proposals(processed: torch.Tensor, proposals: torch.Tensor, q: torch.T
     p = next_token_probs(processed, params)  # (B, V)
     at = proposals[:, None]
     ratio = p.gather(1, at)[:, 0] / q.gather(1, at)[:, 0]  # q(d) > 0: d was drawn from q
-    keep = torch.rand(ratio.shape, generator=generator, device=ratio.device) < ratio
+    keep = uniform(len(ratio), generator, ratio.device) < ratio
     residual = (p - q).clamp(min=0.0)
     total = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(total > 0, residual / total.clamp(min=torch.finfo(p.dtype).tiny), p)  # p == q: never used
-    return keep.tolist(), torch.multinomial(residual, 1, generator=generator)[:, 0].tolist()
+    return keep.tolist(), draw(residual, generator).tolist()

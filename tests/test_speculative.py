@@ -14,7 +14,7 @@ import torch.nn as nn
 from gpt2 import GPT2, GPT2Config, speculative
 from gpt2.bench import random_model
 from gpt2.cpu.int8_linear import quantize_int8
-from gpt2.sampling import SamplingParams, next_token_probs
+from gpt2.sampling import SamplingParams, draw, next_token_probs
 from gpt2.tokenizer import Tokenizer
 from tests.decode_paths import PATHS, use_path
 
@@ -179,7 +179,7 @@ def test_sampled_output_has_the_targets_distribution(monkeypatch):
     def replacement_from_p(processed, proposals, q, params, generator):
         keep, _ = real(processed, proposals, q, params, generator)
         p = next_token_probs(processed, params)
-        return keep, torch.multinomial(p, 1, generator=generator)[:, 0].tolist()
+        return keep, draw(p, generator).tolist()
 
     monkeypatch.setattr(speculative, "check_proposals", replacement_from_p)
     assert sampled_joint_p_value(target, draft, [1, 2])[1] < 1e-12
