@@ -147,20 +147,19 @@ def target_step(rows: Rows, decode: DecodeFn, cache: KVCache, draft: Draft, last
 def propose(draft: Draft, processors: LogitsProcessors, last: list[int], live: list[int], g: int,
             params: SamplingParams, generator: RandomStreams) -> tuple[list[list[int]], list[torch.Tensor]]:
     """g draft tokens per row (for the rows in live; the others' are ignored), and with sampling the distribution
-    (B, V) each position's were drawn from. The draft first takes what it lags behind the target (`Draft.pending`)
-    with each row's last token, then feeds its own proposals but the last."""
+    (B, V) each position's were drawn from. All through the draft's decode step: it first takes what it lags behind
+    the target (`Draft.pending`) and each row's last token, one decode step per token, a row with fewer to take
+    feeding its last token again at the same slot (the same keys, the same logits); then its own proposals but the
+    last."""
     cache, device = draft.cache, draft.cache.k.device
     frozen = list(cache.lengths)  # rows not in live keep theirs: a decode step's write past them is dropped
     going = set(live)
+    feeds = [[*draft.pending[row], last[row]] if row in going else [last[row]] for row in range(len(last))]
+    for i in range(max(len(f) for f in feeds)):
+        for row, feed in enumerate(feeds):
+            cache.lengths[row] = frozen[row] + min(i, len(feed) - 1)
+        logits = draft.decode(torch.tensor([feed[min(i, len(feed) - 1)] for feed in feeds], device=device))
     idle = [row for row in range(len(last)) if row not in going]
-    if any(draft.pending[row] for row in live):
-        chunks = [[*draft.pending[row], last[row]] if row in going else [0] for row in range(len(last))]
-        width = max(len(c) for c in chunks)
-        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)  # (B, T)
-        logits = draft.model(ids, cache=cache, n_new=[len(c) if row in going else 0 for row, c in enumerate(chunks)],
-                             last_only=True)
-    else:
-        logits = draft.decode(torch.tensor(last, device=device))
     drafts: list[list[int]] = [[] for _ in last]
     q: list[torch.Tensor] = []
     for j in range(g):
