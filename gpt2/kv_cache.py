@@ -64,6 +64,12 @@ class ForwardStep:
         return self.q_start.long().view(-1, 1, 1, 1)
 
     @cached_property
+    def chunk_slots(self) -> torch.Tensor:
+        """(B, 1, T, 1) long: the slots of each row's T new tokens, for `KVCache.write`'s scatter of whole chunks."""
+        chunk = torch.arange(self.chunk_len, device=self.q_start.device)
+        return (self.q_start.long()[:, None] + chunk).view(-1, 1, self.chunk_len, 1)
+
+    @cached_property
     def last_offsets_host(self) -> list[int]:
         """Each row's last new token within the chunk (0 for a row with none)."""
         return [max(n - 1, 0) for n in self.n_new_host]
@@ -184,6 +190,13 @@ class KVCache:
             # One token per row at its own slot (ragged or graph-captured decode): one scatter per buffer, where
             # a gather and an index_put_ took at least two kernels per buffer in the captured decode step.
             slots = step.decode_slots.expand(k.shape)  # (B, H, 1, D)
+            self.k[layer].scatter_(2, slots, k)
+            self.v[layer].scatter_(2, slots, v)
+            return
+        if step.every_row_full:
+            # Each row's whole chunk at its own slots (speculative decoding's check of several tokens a row): one
+            # scatter per buffer; the indexed write below stalls for milliseconds now and then on 2 busy cores.
+            slots = step.chunk_slots.expand(k.shape)  # (B, H, T, D)
             self.k[layer].scatter_(2, slots, k)
             self.v[layer].scatter_(2, slots, v)
             return

@@ -13,7 +13,10 @@ the target's greedy output, and a sampled row's tokens have the target's distrib
 Each cache keeps what it holds per row (`KVCache.lengths`): rolling a row back is lowering its length, since no path
 (the forward, the C step, the CUDA-graph step) reads a slot past it, and the next write overwrites it. The draft
 holds one token less than the target after a row kept every proposal; that token goes in with the next round's
-first draft step. g follows transformers' heuristic: +2 after a round where every row kept every proposal, else -1.
+first draft step. g follows transformers' heuristic: +2 after a round where every row kept every proposal, else -1;
+and where the backend knows how many token rows a forward takes at about a decode step's cost (on the CPU, the 16 of
+the small-batch matmul), a round checks no more: at batch 8 the target checks one proposal per row, since checking
+4 would cost it several decode steps' compute.
 """
 
 from __future__ import annotations
@@ -93,11 +96,14 @@ def speculative_decode(model: GPT2, cache: KVCache, decode: DecodeFn, draft: Dra
     draft.pending = [[] for _ in range(batch)]
 
     last = first_tokens(rows, logits, generator, with_logprobs)  # each row's token not yet in either cache
+    cheap_rows = model.backend.rows_at_step_cost()
     g = FIRST_DRAFT_TOKENS
     while not all(rows.finished):
         live = rows.live()
         g = min(g, MAX_DRAFT_TOKENS)
         room = min(params.max_new_tokens - len(rows.tokens[row]) for row in live) - 1  # proposals that can be kept
+        if cheap_rows is not None:
+            room = min(room, max(1, cheap_rows // len(live) - 1))
         held = list(cache.lengths)
         if min(g, room) == 0:
             target_step(rows, decode, cache, draft, last, held, generator, with_logprobs)
