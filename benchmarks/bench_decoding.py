@@ -43,6 +43,7 @@ from benchmarks.reference import reference_pair
 from gpt2 import GPT2, GPT2Config
 from gpt2.bench import SIZES, Engine, Timing, format_table, measure, random_model, random_prompts
 from gpt2.checkpoint import to_engine_state_dict
+from gpt2.cpu.huge_pages import huge_page_weights
 from gpt2.cpu.int8_linear import quantize_int8
 from gpt2.tokenizer import Tokenizer
 
@@ -221,6 +222,7 @@ def train(config: GPT2Config, tokens: torch.Tensor, seconds: float, seed: int = 
     _, state_dict = to_engine_state_dict(hf_model.eval().state_dict(), source="trained model", config=config)
     model = GPT2(config)
     model.load_state_dict(state_dict)
+    huge_page_weights(model)  # as gpt2.load places them
     return model.eval(), {"steps": steps, "seconds": time.perf_counter() - start,
                           "loss_last_20": statistics.mean(losses[-20:]), "loss_first": losses[0]}
 
