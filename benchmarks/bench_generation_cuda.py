@@ -40,7 +40,7 @@ from gpt2 import GPT2
 from gpt2.bench import SIZES, CudaBoundProbe, Engine, agreement, format_table, measure, random_prompts, this_engine
 from gpt2.cuda.decode_graph import StaticDecodeStep
 from gpt2.dispatch import graph_pool
-from gpt2.generation import prefill
+from gpt2.decoding import prefill
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EXACT = "transformers sdpa fp32"  # whose logits every engine's error is measured against

@@ -25,6 +25,11 @@ class TorchBackend:
 
     name = "torch"
 
+    def rows_at_step_cost(self) -> int | None:
+        """How many token rows a forward takes at about a one-row decode step's cost, the weights streaming once for
+        all of them (how many tokens speculative decoding checks at once); None where no such limit is known."""
+        return None
+
     def for_step(self, step: ForwardStep, rows: int, device: torch.device) -> TorchBackend:
         """The backend to run a forward step of `rows` tokens with: this one."""
         return self

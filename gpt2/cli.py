@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import DTYPES, ConvertError, convert
 from .dispatch import BACKENDS
-from .generation import NonFiniteLogitsError
+from .decoding import NonFiniteLogitsError
 from .loading import load
 from .model import GPT2
 from .sampling import SamplingParams
@@ -86,10 +86,10 @@ SAMPLING_FLAGS = (("max_new_tokens", int, "most tokens per reply"), ("temperatur
 def _add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sample", dest="do_sample", action="store_true", help="sample the next token"
-                      + (" (default)" if defaults["do_sample"] else ""))
+                      + (" (default, but with --num-beams)" if defaults["do_sample"] else ""))
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the most likely token"
                       + ("" if defaults["do_sample"] else " (default)"))
-    p.set_defaults(do_sample=defaults["do_sample"])
+    p.set_defaults(do_sample=None, sample_by_default=defaults["do_sample"])  # resolved in _sampling
     for name, kind, text in SAMPLING_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
                        help=f"{text} (default: {defaults[name]})")
@@ -108,13 +108,55 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _add_stop_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stop", action="append", metavar="TEXT", type=_stop_text,
+                   help="end a reply once its text contains TEXT, which is kept (repeatable; \\n and \\t are read "
+                        "as newline and tab)")
+
+
+def _stop_text(text: str) -> str:
+    """--stop's type: the text with \\n, \\t and \\\\ read as newline, tab and backslash (a shell passes them as typed)."""
+    return re.sub(r"\\([nt\\])", lambda m: STOP_ESCAPES[m.group(1)], _text_from_argv(text))
+
+
+def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """Beam search, several sequences, stop strings and a draft model: `generate`'s options of the same names."""
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams, as transformers' (greedy; default: 1, no beam search)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are divided by length ** this: > 0 favours longer replies (default: 1.0)")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false",
+                   help="when beam search stops, as transformers' early_stopping (default: false)")
+    _add_stop_flag(p)
+    p.add_argument("--draft", metavar="MODEL",
+                   help="speculative decoding: MODEL (same vocabulary, e.g. DialoGPT-small for medium, or the same "
+                        "model with --draft-quantize int8) proposes tokens that the model checks several at a time; "
+                        "the output is the model's own")
+    p.add_argument("--draft-quantize", choices=["int8"], help="int8 linear layers for the draft (CPU, fp32 only)")
+
+
+def _decoding(args: argparse.Namespace, draft: GPT2 | None) -> dict[str, Any]:
+    early_stopping = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    return dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early_stopping,
+                num_return_sequences=args.num_return_sequences, stop_strings=args.stop, draft_model=draft)
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ("do_sample", *(flag[0] for flag in SAMPLING_FLAGS))}
+    """The sampling flags as keywords; sampling is the command's default unless --num-beams asks for beam search."""
+    do_sample = args.do_sample if args.do_sample is not None else args.sample_by_default and args.num_beams == 1
+    return {"do_sample": do_sample, **{name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}}
 
 
-def _load(args: argparse.Namespace, model: str) -> GPT2:
+def _load(args: argparse.Namespace, model: str, quantize: str | None = None) -> GPT2:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend, quantize=args.quantize)
+    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend, quantize=quantize)
+
+
+def _load_draft(args: argparse.Namespace) -> GPT2 | None:
+    return _load(args, args.draft, args.draft_quantize) if args.draft else None
 
 
 def _write(text: str) -> None:
@@ -153,6 +195,11 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="treat the prompt as one DialoGPT turn (append <|endoftext|>) and print the reply")
     defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
     _add_sampling_flags(p, defaults)
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="sequences to print: with --sample, that many samples continuing one prefill of the prompt; "
+                        "with --num-beams, the best beams; each printed after a line naming it and its score "
+                        "(default: 1)")
+    _add_decoding_flags(p)
     p.set_defaults(handler=_run_generate)
 
 
@@ -168,7 +215,8 @@ def _prompt_text(args: argparse.Namespace) -> str:
 def _run_generate(args: argparse.Namespace) -> int:
     try:
         text = _prompt_text(args)
-        model = _load(args, args.model)
+        model = _load(args, args.model, args.quantize)
+        draft = _load_draft(args)
         tokenizer = model.tokenizer
         prompt = tokenizer.encode(text) + ([tokenizer.eos_token_id] if args.chat_format else [])
         if not prompt:
@@ -178,8 +226,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"gpt2 generate: error: {e}", file=sys.stderr)
         return 2
     decoder = tokenizer.stream_decoder()
+    streamed = args.num_beams == 1 and args.num_return_sequences == 1  # else printed once all are known
     try:
-        model.generate([prompt], **dataclasses.asdict(params), on_token=lambda _row, token: _write(decoder.push(token)))
+        out = model.generate([prompt], **dataclasses.asdict(params), **_decoding(args, draft), return_dict=True,
+                             on_token=(lambda _row, token: _write(decoder.push(token))) if streamed else None)
     except NonFiniteLogitsError as e:
         return _report_non_finite_logits("generate", e)
     except ValueError as e:  # e.g. prompt plus max_new_tokens longer than the model's context
@@ -188,7 +238,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _write("\n")
         return 130
-    _write(decoder.flush() + "\n")
+    if streamed:
+        _write(decoder.flush() + "\n")
+        return 0
+    for i, (tokens, score) in enumerate(zip(out.sequences, out.scores)):
+        if len(out.sequences) > 1:
+            _write(f"--- {i + 1} of {len(out.sequences)}, score {score:.3f}\n")
+        _write(tokenizer.decode(tokens, skip_special_tokens=True) + "\n")
     return 0
 
 
@@ -221,17 +277,21 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"most history tokens the model sees; 0: only the context length limits it "
                         f"(default: {DEFAULT_MAX_HISTORY_TOKENS})")
     _add_sampling_flags(p, CHAT_DEFAULTS)
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="replies sampled per turn from one prefill, the one of the best mean log-probability kept "
+                        "(n-best; with --reverse-model, --n-candidates are reranked by MMI instead) (default: 1)")
+    _add_decoding_flags(p)
     p.set_defaults(handler=_run_chat)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
     try:
-        model = _load(args, args.model)
-        reverse = _load(args, args.reverse_model) if args.reverse_model else None
+        model = _load(args, args.model, args.quantize)
+        reverse = _load(args, args.reverse_model, args.quantize) if args.reverse_model else None
         chat = Chat(model, max_history_turns=args.max_history_turns,
                     max_history_tokens=args.max_history_tokens or None, seed=args.seed, reverse_model=reverse,
                     n_candidates=args.n_candidates, mmi_temperature=args.mmi_temperature,
-                    mmi_source_turns=args.mmi_source_turns, **_sampling(args))
+                    mmi_source_turns=args.mmi_source_turns, **_decoding(args, _load_draft(args)), **_sampling(args))
     except ValueError as e:  # a bad model, device or setting
         print(f"gpt2 chat: error: {e}", file=sys.stderr)
         return 2

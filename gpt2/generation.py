@@ -1,41 +1,27 @@
-"""Autoregressive generation over the KV cache: one ragged prefill, then one-token decode steps.
+"""`generate`: every decoding strategy behind one call, its parameters checked before any work.
 
-Rows of different lengths are right-padded in the prefill and each row keeps its own positions, so in fp32
-every row generates exactly what it would alone (bf16 and int8 logits may differ by rounding with the batch).
+Autoregressive generation over the KV cache: one ragged prefill, then one-token decode steps (`gpt2.decoding`). Rows
+of different lengths are right-padded in the prefill and each row keeps its own positions, so in fp32 every row
+generates exactly what it would alone (bf16 and int8 logits may differ by rounding with the batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from .dispatch import DecodeFn, decode_step_for, generation_cache
-from .kv_cache import KVCache
-from .sampling import NGramBans, RandomStreams, SamplingParams, apply_repetition_penalty, choose_next
+from .beam_search import beam_search
+from .decoding import GenerateOutput, TokenCallback, continue_from_cache, prefill_shared
+from .dispatch import generation_cache
+from .sampling import SamplingParams
+from .speculative import Draft, speculative_decode
+from .stop_strings import StopStrings, check_stop_strings
 
 if TYPE_CHECKING:
     from .model import GPT2
-
-
-class NonFiniteLogitsError(RuntimeError):
-    """The model's logits held NaN or inf: no token chosen from them would mean anything."""
-
-
-TokenCallback = Callable[[int, int], None]  # (row, token) as each new token is chosen
-
-
-def check_finite(logits: torch.Tensor, step: int, finished: list[bool]) -> None:
-    """Raise NonFiniteLogitsError where a row still generating got NaN or inf logits (B, V) at this step."""
-    broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
-    rows = [i for i, bad in enumerate(broken) if bad and not finished[i]]
-    if rows:
-        where = "the prompt's last token" if step == 0 else f"decode step {step}"
-        raise NonFiniteLogitsError(
-            f"the model's logits hold NaN or inf at {where} (row{'s' if len(rows) > 1 else ''} "
-            f"{', '.join(map(str, rows))}): no token can be chosen from them. The weights hold NaN/inf, or the "
-            "activations overflow this dtype (float16 ends at 65504: try torch.bfloat16 or torch.float32)")
 
 
 def check_token_ids(kind: str, index: int, ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -69,13 +55,6 @@ def validate_prompts(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size
     return rows
 
 
-def prefill(model: GPT2, cache: KVCache, rows: list[list[int]]) -> torch.Tensor:
-    """Run the prompts (right-padded into one chunk) into the cache; logits (B, V) at each row's last token."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)  # (B, T)
-    return model(ids, cache=cache, n_new=[len(r) for r in rows], last_only=True)
-
-
 @torch.inference_mode()
 def generate(
     model: GPT2,
@@ -91,78 +70,130 @@ def generate(
     eos_token_id: int | None = 50256,
     seed: int | None = None,
     on_token: TokenCallback | None = None,
-) -> list[list[int]]:
-    """The new tokens of each prompt; a row stops after eos (included) or at max_new_tokens."""
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    stop_strings: str | Sequence[str] | None = None,
+    draft_model: GPT2 | None = None,
+    return_dict: bool = False,
+) -> list[list[int]] | GenerateOutput:
+    """The new tokens of each returned sequence; a sequence stops after eos (included), once its text contains one of
+    stop_strings (decoded with model.tokenizer; the token completing it included), or at max_new_tokens.
+
+    num_beams > 1: beam search, as transformers' (length_penalty, early_stopping True, False or "never"), returning
+    each prompt's num_return_sequences best hypotheses. num_return_sequences: sequences per prompt, prompt-major (with
+    do_sample: k samples continuing one prefill of the prompt). on_token(i, token) streams each token of sequence i
+    as it is chosen (not with beams, which choose their sequences at the end). draft_model: speculative decoding
+    (`gpt2.speculative`) with another loaded model of the same vocabulary proposing tokens; the output is the one
+    without it (greedy: token for token; sampling: in distribution). return_dict: a `GenerateOutput` instead, with
+    each token's log-probability and each sequence's score.
+    """
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                             no_repeat_ngram_size, min_new_tokens, eos_token_id, seed)
-    vocab_size, n_positions = model.config.vocab_size, model.config.n_positions
+    vocab_size = model.config.vocab_size
     if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
         raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {vocab_size})")
+    if not isinstance(return_dict, bool):
+        raise ValueError(f"return_dict={return_dict!r} must be True or False")
+    check_count("num_return_sequences", num_return_sequences)
+    check_beam_settings(num_beams, length_penalty, early_stopping, num_return_sequences, params, stop_strings,
+                        on_token)
     rows = validate_prompts(prompts, vocab_size)
+    check_lengths(model, rows, max_new_tokens)
+    if draft_model is not None:
+        check_draft(model, draft_model, num_beams)
+        check_lengths(draft_model, rows, max_new_tokens, "the draft model")
+    length = max(len(r) for r in rows) + max_new_tokens
+    if num_beams > 1:
+        owner = [i for i in range(len(rows)) for _ in range(num_beams)]  # beam -> its prompt
+        with generation_cache(model, len(owner), length) as (cache, decode):
+            logits = prefill_shared(model, cache, rows, owner)
+            out = beam_search(model, cache, logits, rows, params, decode, num_beams, length_penalty, early_stopping,
+                              num_return_sequences)
+        return out if return_dict else out.sequences
+    owner = [i for i in range(len(rows)) for _ in range(num_return_sequences)]  # sequence -> its prompt
+    stops = stop_watcher(model, stop_strings, len(owner))
+    histories = [rows[i] for i in owner]
+    if draft_model is not None:
+        with (generation_cache(model, len(owner), length) as (cache, decode),
+              generation_cache(draft_model, len(owner), length) as (draft_cache, draft_decode)):
+            logits = prefill_shared(model, cache, rows, owner)
+            prefill_shared(draft_model, draft_cache, rows, owner)
+            out = speculative_decode(model, cache, decode, Draft(draft_model, draft_cache, draft_decode), logits,
+                                     histories, params, on_token, stops, with_logprobs=return_dict)
+        return out if return_dict else out.sequences
+    with generation_cache(model, len(owner), length) as (cache, decode):
+        logits = prefill_shared(model, cache, rows, owner)
+        out = continue_from_cache(model, cache, logits, histories, params, on_token, decode=decode, stops=stops,
+                                  with_logprobs=return_dict)
+    return out if return_dict else out.sequences
+
+
+def check_draft(model: GPT2, draft_model: GPT2, num_beams: int) -> None:
+    """A draft must be a loaded model on the target's device with its vocabulary, and not combined with beams."""
+    if not hasattr(draft_model, "config") or not callable(getattr(draft_model, "generate", None)):
+        raise ValueError(f"draft_model must be a loaded model (gpt2.load), got {type(draft_model).__name__}")
+    if draft_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft_model has a vocabulary of {draft_model.config.vocab_size} tokens, the model "
+                         f"{model.config.vocab_size}: the draft must share the model's vocabulary")
+    if draft_model.device != model.device:
+        raise ValueError(f"draft_model is on {draft_model.device}, the model on {model.device}: put both on one device")
+    if num_beams > 1:
+        raise ValueError(f"draft_model with num_beams={num_beams} is not supported: speculative decoding runs greedy "
+                         "or sampled decoding")
+
+
+def check_beam_settings(num_beams: int, length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
+                        params: SamplingParams, stop_strings: str | Sequence[str] | None,
+                        on_token: TokenCallback | None) -> None:
+    """Refuse beam settings that are malformed or that this engine's beam search does not combine, by name."""
+    check_count("num_beams", num_beams)
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or not math.isfinite(
+            length_penalty):
+        raise ValueError(f"length_penalty={length_penalty!r} must be a finite number")
+    if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
+        raise ValueError(f"early_stopping={early_stopping!r} must be True, False or \"never\"")
+    if num_beams == 1:
+        if num_return_sequences > 1 and not params.do_sample:
+            raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True (n-best sampling) or "
+                             "num_beams >= num_return_sequences (beam search): greedy decoding would return copies")
+        return
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} exceeds num_beams={num_beams}: beam search "
+                         "returns at most num_beams hypotheses per prompt")
+    if params.do_sample:
+        raise ValueError(f"num_beams={num_beams} with do_sample=True (beam sampling) is not supported: beam search "
+                         "here is deterministic; use num_return_sequences with do_sample for several samples")
+    if stop_strings:
+        raise ValueError(f"stop_strings with num_beams={num_beams} is not supported: a beam ends at eos or "
+                         "max_new_tokens")
+    if on_token is not None:
+        raise ValueError(f"on_token with num_beams={num_beams}: beam search chooses its sequences only at the end, "
+                         "so there is nothing to stream")
+
+def check_count(name: str, value: object) -> None:
+    """value must be a positive integer, else a ValueError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def check_lengths(model: GPT2, rows: list[list[int]], max_new_tokens: int, which: str = "the model") -> None:
+    """Each prompt with max_new_tokens must fit the model's n_positions."""
+    n_positions = model.config.n_positions
     for i, row in enumerate(rows):
         if len(row) + max_new_tokens > n_positions:
             raise ValueError(f"prompt {i}: {len(row)} tokens + max_new_tokens {max_new_tokens} = "
-                             f"{len(row) + max_new_tokens} exceeds the model's n_positions ({n_positions})")
-    with generation_cache(model, len(rows), max(len(r) for r in rows) + max_new_tokens) as (cache, decode):
-        logits = prefill(model, cache, rows)
-        return continue_from_cache(model, cache, logits, rows, params, on_token, decode=decode)
+                             f"{len(row) + max_new_tokens} exceeds {which}'s n_positions ({n_positions})")
 
 
-def continue_from_cache(model: GPT2, cache: KVCache, logits: torch.Tensor, histories: list[list[int]],
-                        params: SamplingParams, on_token: TokenCallback | None = None,
-                        row_generators: list[torch.Generator | None] | None = None,
-                        decode: DecodeFn | None = None) -> list[list[int]]:
-    """The decode loop, from a cache already holding each row's context.
-
-    logits (B, V): the model's output at each row's last cached token; histories: each row's tokens so far
-    (what repetition penalty and n-gram bans look at). The last chosen token of a row is not fed back,
-    so it is not in the cache when this returns. The caller has checked the cache has room for
-    params.max_new_tokens - 1 more tokens per row. Sampling draws from one stream seeded by params.seed,
-    or from row_generators, each row's own (see `choose_next`). decode runs the step over cache (default:
-    `gpt2.dispatch.decode_step_for`).
-    """
-    device = model.device
-    batch, vocab_size = logits.shape
-    eos_token_id = params.eos_token_id
-    generator: RandomStreams = row_generators
-    if row_generators is None and params.do_sample and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)  # (B, V)
-        for i, row in enumerate(histories):
-            seen[i, row] = True
-    bans = NGramBans(params.no_repeat_ngram_size, histories) if params.no_repeat_ngram_size > 0 else None
-
-    if decode is None:
-        decode = decode_step_for(model, cache)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    finished = [False] * batch
-    for step in range(params.max_new_tokens):
-        logits = logits.float()  # (B, V)
-        check_finite(logits, step, finished)
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        if bans is not None:
-            for i in range(batch):
-                banned = bans.banned(i)
-                if banned:
-                    logits[i, banned] = float("-inf")
-        if step < params.min_new_tokens and eos_token_id is not None:
-            logits[:, eos_token_id] = float("-inf")
-        next_tokens = choose_next(logits, params, generator)  # (B,)
-        for i, token in enumerate(next_tokens.tolist()):
-            if finished[i]:
-                continue
-            outputs[i].append(token)
-            if on_token is not None:
-                on_token(i, token)
-            finished[i] = token == eos_token_id
-            if bans is not None:
-                bans.append(i, token)
-        if all(finished) or step + 1 == params.max_new_tokens:
-            break
-        if seen is not None:
-            seen[torch.arange(batch, device=device), next_tokens] = True
-        logits = decode(next_tokens)
-    return outputs
+def stop_watcher(model: GPT2, stop_strings: str | Sequence[str] | None, rows: int) -> StopStrings | None:
+    """The watcher of stop_strings over rows, decoding with model.tokenizer; None for no stop strings."""
+    strings = check_stop_strings(stop_strings)
+    if not strings:
+        return None
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the model's tokenizer to decode the text: load the model with gpt2.load(), "
+                         "or set model.tokenizer = gpt2.Tokenizer.default()")
+    return StopStrings(tokenizer, strings, rows)

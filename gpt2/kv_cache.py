@@ -7,7 +7,6 @@ Rows of a batch may hold different numbers of tokens (`lengths`); a forward over
 
 from __future__ import annotations
 
-import copy
 import math
 import mmap
 from dataclasses import dataclass
@@ -63,6 +62,12 @@ class ForwardStep:
     def decode_slots(self) -> torch.Tensor:
         """(B, 1, 1, 1) long: the slot each row's one new token goes to, for `KVCache.write`'s scatter."""
         return self.q_start.long().view(-1, 1, 1, 1)
+
+    @cached_property
+    def chunk_slots(self) -> torch.Tensor:
+        """(B, 1, T, 1) long: the slots of each row's T new tokens, for `KVCache.write`'s scatter of whole chunks."""
+        chunk = torch.arange(self.chunk_len, device=self.q_start.device)
+        return (self.q_start.long()[:, None] + chunk).view(-1, 1, self.chunk_len, 1)
 
     @cached_property
     def last_offsets_host(self) -> list[int]:
@@ -188,6 +193,13 @@ class KVCache:
             self.k[layer].scatter_(2, slots, k)
             self.v[layer].scatter_(2, slots, v)
             return
+        if step.every_row_full:
+            # Each row's whole chunk at its own slots (speculative decoding's check of several tokens a row): one
+            # scatter per buffer; the indexed write below stalls for milliseconds now and then on 2 busy cores.
+            slots = step.chunk_slots.expand(k.shape)  # (B, H, T, D)
+            self.k[layer].scatter_(2, slots, k)
+            self.v[layer].scatter_(2, slots, v)
+            return
         rows, slots, offsets = step.write_index
         self.k[layer][rows, :, slots] = k[rows, :, offsets]  # (N, H, D)
         self.v[layer][rows, :, slots] = v[rows, :, offsets]
@@ -196,13 +208,33 @@ class KVCache:
         """Views (B, H, kv_span, D) of the layer's buffers that this step attends over."""
         return self.k[layer, :, :, :step.kv_span], self.v[layer, :, :, :step.kv_span]
 
-    def repeat_rows(self, rows: list[int]) -> KVCache:
-        """A new cache whose row i holds a copy of this cache's row rows[i] (its tokens and length)."""
+    def take_rows(self, source: KVCache, rows: list[int]) -> None:
+        """Row i of this cache becomes a copy of source's row rows[i] (its tokens and length): one batched copy of the
+        slots source's rows hold, however long this cache is (n rows continuing one prompt share its prefill)."""
+        if len(rows) != self.batch_size:
+            raise ValueError(f"take_rows: {len(rows)} rows for a cache of {self.batch_size}")
+        held = max(source.lengths[r] for r in rows)
+        if held > self.max_len:
+            raise ValueError(f"take_rows: source rows hold {held} tokens, more than this cache's {self.max_len}")
         index = torch.tensor(rows, device=self.k.device)
-        repeated = copy.copy(self)
-        repeated.k, repeated.v = self.k[:, index], self.v[:, index]  # each (L, len(rows), H, S, D)
-        repeated.lengths = [self.lengths[r] for r in rows]
-        return repeated
+        self.k[:, :, :, :held] = source.k[:, index, :, :held]  # (L, len(rows), H, held, D)
+        self.v[:, :, :, :held] = source.v[:, index, :, :held]
+        self.lengths = [source.lengths[r] for r in rows]
+
+    def reorder_rows(self, parents: list[int], shared: list[int] | None = None) -> None:
+        """Row r becomes a copy of row parents[r] (beam search: each row takes the beam it continues). shared[r]: how
+        many leading slots row r already holds the same as its parent (a common prompt and common first tokens: a
+        slot's keys depend on its token and all before it), default 0. Only the rows whose parent is another row are
+        copied, and only from the first slot one of them does not share to the last their parents hold."""
+        shared = shared or [0] * len(parents)
+        moved = [r for r, p in enumerate(parents) if p != r and shared[r] < self.lengths[p]]
+        if moved:
+            start, held = min(shared[r] for r in moved), max(self.lengths[parents[r]] for r in moved)
+            rows = torch.tensor(moved, device=self.k.device)
+            sources = torch.tensor([parents[r] for r in moved], device=self.k.device)
+            self.k[:, rows, :, start:held] = self.k[:, sources, :, start:held]  # gathered (L, m, H, n, D) first
+            self.v[:, rows, :, start:held] = self.v[:, sources, :, start:held]
+        self.lengths = [self.lengths[p] for p in parents]
 
     def commit(self, step: ForwardStep) -> None:
         self.lengths = [s + n for s, n in zip(step.q_start_host, step.n_new_host)]

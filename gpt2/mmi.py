@@ -56,14 +56,18 @@ class MMIReranker:
         eos = self.reverse_model.config.eos_token_id
         return [t for turn in reversed(history[-self.source_turns:]) for t in turn + [eos]]
 
-    def scores(self, history: list[list[int]], candidates: list[list[int]]) -> list[float]:
-        """log P(source | candidate) under the reverse model, for each candidate (a trailing eos is ignored)."""
+    def pairs(self, history: list[list[int]], candidates: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """(contexts, continuations) whose `score` under the reverse model is each candidate's MMI score: the candidate
+        (a trailing eos dropped) + eos, then the source."""
         if not history:
             raise ValueError("MMI needs at least one history turn to score the candidates against")
         eos = self.reverse_model.config.eos_token_id
         replies = [(c[:-1] if c and c[-1] == eos else list(c)) + [eos] for c in candidates]
-        source = self.source(history)
-        return score(self.reverse_model, replies, [source] * len(replies))
+        return replies, [self.source(history)] * len(replies)
+
+    def scores(self, history: list[list[int]], candidates: list[list[int]]) -> list[float]:
+        """log P(source | candidate) under the reverse model, for each candidate (a trailing eos is ignored)."""
+        return score(self.reverse_model, *self.pairs(history, candidates))
 
     def pick(self, scores: list[float], generator: torch.Generator | None = None) -> int:
         """Index of the chosen candidate: the best, or sampled from softmax(scores / temperature)."""
@@ -80,3 +84,28 @@ class MMIReranker:
         """(chosen index, every candidate's score) for candidates replying to history (turns, oldest first)."""
         scores = self.scores(history, candidates)
         return self.pick(scores, generator), scores
+
+
+def rerank_together(rerankers: list[MMIReranker], histories: list[list[list[int]]],
+                    candidates: list[list[list[int]]],
+                    generators: list[torch.Generator | None]) -> list[tuple[int, list[float]]]:
+    """`MMIReranker.rerank` for several chats at once, (chosen index, scores) for each: the candidates of every chat
+    whose reranker shares a reverse model are scored in one batched `score` call (one forward, not one per chat)."""
+    results: list[tuple[int, list[float]]] = [(0, [])] * len(rerankers)
+    by_model: dict[int, list[int]] = {}
+    for j, reranker in enumerate(rerankers):
+        by_model.setdefault(id(reranker.reverse_model), []).append(j)
+    for jobs in by_model.values():
+        contexts: list[list[int]] = []
+        continuations: list[list[int]] = []
+        for j in jobs:
+            replies, sources = rerankers[j].pairs(histories[j], candidates[j])
+            contexts += replies
+            continuations += sources
+        scores = score(rerankers[jobs[0]].reverse_model, contexts, continuations)
+        start = 0
+        for j in jobs:
+            mine = scores[start:start + len(candidates[j])]
+            start += len(candidates[j])
+            results[j] = (rerankers[j].pick(mine, generators[j]), mine)
+    return results

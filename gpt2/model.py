@@ -19,6 +19,7 @@ from .scoring import score
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
+    from .decoding import GenerateOutput
     from .tokenizer import Tokenizer
 
 
@@ -192,8 +193,8 @@ class GPT2(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
 
-    def generate(self, prompts: list[list[int]] | torch.Tensor, **kwargs: Any) -> list[list[int]]:
-        """New tokens for each prompt; see `gpt2.generation.generate` for the parameters."""
+    def generate(self, prompts: list[list[int]] | torch.Tensor, **kwargs: Any) -> list[list[int]] | GenerateOutput:
+        """New tokens for each prompt (or a `GenerateOutput` with return_dict=True); see `gpt2.generation.generate`."""
         return generate(self, prompts, **kwargs)
 
     def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:

@@ -6,6 +6,7 @@ min-new-tokens, then temperature, top-k, top-p), so greedy and sampled outputs a
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -78,11 +79,84 @@ class NGramBans:
             self.seen[row].setdefault(tuple(tail[-self.n:-1]), set()).add(token)
             del tail[: len(tail) - self.n + 1]
 
+    def reorder(self, parents: list[int]) -> None:
+        """Row r takes row parents[r]'s n-grams (a row that keeps its own keeps them uncopied)."""
+        seen, tails = self.seen, self.tails
+        self.seen = [seen[p] if p == r else {k: set(v) for k, v in seen[p].items()} for r, p in enumerate(parents)]
+        self.tails = [tails[p] if p == r else list(tails[p]) for r, p in enumerate(parents)]
+
+    def copy(self) -> NGramBans:
+        other = copy.copy(self)
+        other.seen = [{k: set(v) for k, v in row.items()} for row in self.seen]
+        other.tails = [list(tail) for tail in self.tails]
+        return other
+
     def banned(self, row: int) -> list[int]:
         tail = self.tails[row]
         if len(tail) < self.n - 1:
             return []
         return list(self.seen[row].get(tuple(tail[len(tail) - self.n + 1:]), ()))
+
+
+class LogitsProcessors:
+    """The logits processors of one generation with each row's state: the tokens seen (repetition_penalty), the n-gram
+    bans (no_repeat_ngram_size) and the tokens generated so far (min_new_tokens), applied in transformers' order.
+
+    `append` records the tokens each row takes; beam search moves whole rows with `reorder`.
+    """
+
+    def __init__(self, params: SamplingParams, histories: list[list[int]], vocab_size: int,
+                 device: torch.device) -> None:
+        self.params = params
+        self.generated = [0] * len(histories)
+        self.seen: torch.Tensor | None = None  # (B, V) bool
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
+            for i, row in enumerate(histories):
+                self.seen[i, row] = True
+        self.bans = NGramBans(params.no_repeat_ngram_size, histories) if params.no_repeat_ngram_size > 0 else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) float (or log-probabilities, as beam search processes them) -> processed (B, V); logits may be
+        written in place."""
+        params = self.params
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, params.repetition_penalty)
+        if self.bans is not None:
+            for i in range(logits.shape[0]):
+                banned = self.bans.banned(i)
+                if banned:
+                    logits[i, banned] = float("-inf")
+        if params.eos_token_id is not None:
+            early = [i for i, n in enumerate(self.generated) if n < params.min_new_tokens]
+            if early:
+                logits[early, params.eos_token_id] = float("-inf")
+        return logits
+
+    def append(self, tokens: list[int], rows: list[int]) -> None:
+        """Row rows[j] took token tokens[j]."""
+        if self.seen is not None and rows:
+            self.seen[torch.tensor(rows, device=self.seen.device), torch.tensor(tokens, device=self.seen.device)] = True
+        for row, token in zip(rows, tokens):
+            self.generated[row] += 1
+            if self.bans is not None:
+                self.bans.append(row, token)
+
+    def reorder(self, parents: list[int]) -> None:
+        """Row r becomes a copy of row parents[r] (beam search: each beam continues its parent's history)."""
+        if self.seen is not None:
+            self.seen = self.seen[torch.tensor(parents, device=self.seen.device)]
+        if self.bans is not None:
+            self.bans.reorder(parents)
+        self.generated = [self.generated[p] for p in parents]
+
+    def copy(self) -> LogitsProcessors:
+        """An independent copy (speculative decoding's draft processes its proposals on one, then drops it)."""
+        other = copy.copy(self)
+        other.generated = list(self.generated)
+        other.seen = None if self.seen is None else self.seen.clone()
+        other.bans = None if self.bans is None else self.bans.copy()
+        return other
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -101,6 +175,17 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     drop_sorted[..., -1] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (B, V) after penalties -> the distribution (B, V) that sampling draws the next token from: `choose_next`'s
+    temperature, top-k and top-p over the whole vocabulary (speculative sampling compares two of them)."""
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    return apply_top_p(logits, params.top_p).softmax(dim=-1)
 
 
 RandomStreams = torch.Generator | list[torch.Generator | None] | None  # one for the batch, or one per row
@@ -124,8 +209,20 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, generator: RandomS
         # whole vocabulary (a 50257-wide sort per step costs milliseconds on the CPU).
         logits, token_ids = torch.topk(logits, params.top_k, dim=-1)  # (B, k) each
     probs = apply_top_p(logits, params.top_p).softmax(dim=-1)  # (B, k or V)
-    if isinstance(generator, list):
-        picks = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
-    else:
-        picks = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    picks = draw(probs, generator)[:, None]  # (B, 1)
     return (picks if token_ids is None else token_ids.gather(-1, picks))[:, 0]
+
+
+def draw(probs: torch.Tensor, generator: RandomStreams) -> torch.Tensor:
+    """One index per row of probs (B, n), drawn from the row's distribution with its random stream (see
+    `choose_next`) -> (B,)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def uniform(rows: int, generator: RandomStreams, device: torch.device) -> torch.Tensor:
+    """One draw from U[0, 1) per row, each from the row's random stream (see `choose_next`) -> (rows,)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=device) for g in generator])
+    return torch.rand(rows, generator=generator, device=device)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .generation import NonFiniteLogitsError, check_token_ids
+from .decoding import NonFiniteLogitsError
+from .generation import check_token_ids
 
 if TYPE_CHECKING:
     from .model import GPT2

@@ -241,3 +241,20 @@ def test_bound_probe_sustains_each_samples_fastest_kernel():
     assert result.sustained_samples_ms == probe.sustained_samples_ms
     assert result.sustained_ms == statistics.median(probe.sustained_samples_ms)
     assert BoundProbe(SIZES["tiny"], repeats=1).result().sustained_ms is None  # not asked for
+
+
+def test_bench_decoding_smoke(tmp_path):
+    """Beam search against greedy and transformers, speculative decoding against the target alone, and the pair
+    trained here, in seconds; the figures themselves are the benchmark's, not the test's."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_decoding", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "decoding.json").read_text())
+    assert results["beams"]["identical_to_transformers"]
+    assert set(results["beams"]["decode_ms"]) == {"greedy batch 4", "beam search 4", "transformers beam search 4"}
+    pairs = results["speculative"]
+    assert len(pairs) == 3 and "trained here" in pairs[-1]["pair"] and "stdlib-gpt2" in pairs[-1]["pair"]
+    for pair in pairs:
+        assert [run["batch"] for run in pair["runs"]] == [1, 2]
+        assert all(run["identical_to_target"] and 0.0 <= run["acceptance"] <= 1.0 for run in pair["runs"])
+    assert "acceptance is the number to watch" in (tmp_path / "decoding.md").read_text()

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import gpt2.chat
-from gpt2 import GPT2, Chat, ChatNotice, GPT2Config, MMIReranker
+from gpt2 import GPT2, Chat, ChatNotice, GPT2Config
 from gpt2.chat import fit_history, format_history
 from gpt2.tokenizer import VOCAB_DIR, Tokenizer
 
@@ -275,14 +275,14 @@ def test_say_many_refuses_mismatched_chats(model):
 def test_chat_with_mmi_keeps_the_best_scored_candidate(model, monkeypatch, prefills):
     reverse = seeded_model(1)
     picks = []
-    real = MMIReranker.rerank
+    real = gpt2.chat.rerank_together
 
-    def spy(self, history, candidates, generator=None):
-        best, scores = real(self, history, candidates, generator)
-        picks.append((history, candidates, best, scores))
-        return best, scores
+    def spy(rerankers, histories, candidates, generators):
+        results = real(rerankers, histories, candidates, generators)
+        picks.extend((h, c, best, scores) for h, c, (best, scores) in zip(histories, candidates, results))
+        return results
 
-    monkeypatch.setattr(MMIReranker, "rerank", spy)
+    monkeypatch.setattr(gpt2.chat, "rerank_together", spy)
     chat = Chat(model, reverse_model=reverse, n_candidates=5, max_new_tokens=8, seed=0)
     for text in MESSAGES[:3]:
         pieces: list[str] = []

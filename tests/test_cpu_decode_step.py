@@ -17,7 +17,7 @@ from gpt2 import dispatch
 from gpt2.cpu import build
 from gpt2.cpu.decode_step import CpuDecodeStep
 from gpt2.dispatch import decode_one_token
-from gpt2.generation import prefill
+from gpt2.decoding import prefill
 from tests.checkpoints import engine_twin
 from tests.test_decode_blocks import CONFIGS, assert_close, model_for
 

@@ -13,7 +13,7 @@ import torch
 from gpt2 import GPT2, GPT2Config
 from gpt2.cuda.decode_graph import StaticDecodeStep
 from gpt2.dispatch import decode_one_token, graph_pool
-from gpt2.generation import prefill
+from gpt2.decoding import prefill
 
 FP32_ATOL = 1e-4
 CONFIG = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=300)

@@ -74,18 +74,6 @@ def test_per_row_random_streams_make_each_row_independent_of_the_others():
     assert together.tolist() == [t.item() for t in alone]
 
 
-def test_repeated_cache_rows_are_copies(model):
-    cache = model.new_cache(2, 16)
-    model(torch.tensor([[1, 2, 3], [4, 5, 0]]), cache=cache, n_new=[3, 2])
-    repeated = cache.repeat_rows([1, 0, 1])
-    assert repeated.lengths == [2, 3, 2] and repeated.k.shape[1] == 3
-    assert torch.equal(repeated.k[:, 0], cache.k[:, 1]) and torch.equal(repeated.v[:, 1], cache.v[:, 0])
-    model(torch.tensor([[7], [8], [9]]), cache=repeated)  # appending to the copies leaves the source alone
-    assert cache.lengths == [3, 2] and repeated.lengths == [3, 4, 3]
-    assert not torch.equal(repeated.k[:, 0, :, 2], repeated.k[:, 2, :, 2])  # rows now differ
-    assert cache.k[:, 1, :, 2].abs().sum() == 0
-
-
 def test_ngram_bans_track_each_row():
     bans = NGramBans(2, [[1, 2, 3, 1], [5, 5]])
     assert bans.banned(0) == [2]  # "1 2" seen: after 1, 2 is banned
@@ -188,7 +176,7 @@ def broken_copy(model: GPT2, dtype: torch.dtype, poison) -> GPT2:
     ],
 )
 def test_nan_logits_raise_instead_of_returning_tokens(model, dtype, poison, where):
-    from gpt2.generation import NonFiniteLogitsError
+    from gpt2.decoding import NonFiniteLogitsError
 
     broken = broken_copy(model, dtype, poison)
     with pytest.raises(NonFiniteLogitsError, match=f"NaN or inf at {where} \\(rows 0, 1\\)"):
@@ -199,7 +187,7 @@ def test_nan_logits_raise_instead_of_returning_tokens(model, dtype, poison, wher
 
 def test_nan_logits_mid_generation_name_the_decode_step(model):
     """Only the positions past the prompt are broken: the prefill's logits are fine, the first decode step's not."""
-    from gpt2.generation import NonFiniteLogitsError
+    from gpt2.decoding import NonFiniteLogitsError
 
     broken = broken_copy(model, torch.float32, lambda m: m.wpe.weight[2:].fill_(float("nan")))
     with pytest.raises(NonFiniteLogitsError, match=r"NaN or inf at decode step 1 \(row 0\)"):

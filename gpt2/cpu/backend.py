@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..backend import TorchBackend
 from ..kv_cache import ForwardStep, KVCache
-from . import attention, decode_blocks, prefill_matmul, small_batch_matmul
+from . import attention, build, decode_blocks, prefill_matmul, small_batch_matmul
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -42,6 +42,11 @@ class CpuBackend(TorchBackend):
             return False
         decode_blocks.run(plan, model, x, normed, step, cache)
         return True
+
+    def rows_at_step_cost(self) -> int | None:
+        """Up to 16 fp32 rows go through the small-batch matmul, which streams each weight once for all of them
+        (`gpt2.cpu.small_batch_matmul`); beyond, the matmuls grow with the rows."""
+        return small_batch_matmul.MAX_ROWS if build.library() is not None else None
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         if isinstance(layer, (nn.Linear, nn.Embedding)):
