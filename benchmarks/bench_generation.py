@@ -283,10 +283,15 @@ def summary_lines(results: dict) -> list[str]:
             if ours and base and "prefill_speedup_by_repeat" in ours:
                 paired = ours["prefill_speedup_by_repeat"]
                 lines.append(f"{size} batch {run['batch']}, this engine against {BASELINE}: prefill "
-                             f"{base['prefill_ms'] / ours['prefill_ms']:.2f}x faster (medians; within each repeat "
+                             f"{_ratio(base['prefill_ms'], ours['prefill_ms'])} faster (medians; within each repeat "
                              f"{min(paired):.2f}-{max(paired):.2f}x), decode step "
-                             f"{ours['decode_ms'] / base['decode_ms']:.2f}x its time")
+                             f"{_ratio(ours['decode_ms'], base['decode_ms'])} its time")
     return lines
+
+
+def _ratio(a: float, b: float) -> str:
+    """a / b as "1.23x"; "n/a" where b is 0 (a decode step below the timer's noise: the smoke run's few tokens)."""
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
 
 
 def headline(results: dict) -> str:
