@@ -82,6 +82,16 @@ class Choice:
     generated: int = 0
     last_token_at: float = 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits or reads them (no penalty, no n-gram ban, past
+        min_new_tokens, no logprobs): its token is the argmax of the raw logits."""
+        job = self.ticket.job
+        params = job.params
+        return (not params.do_sample and params.repetition_penalty == 1.0 and params.no_repeat_ngram_size == 0
+                and (self.generated >= params.min_new_tokens or params.eos_token_id is None)
+                and job.logprobs is None)
+
 
 @dataclass
 class PrefillGroup:
@@ -114,7 +124,6 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.eos_token_id = model.tokenizer.eos_token_id
         self._wakeup = threading.Condition()
         self._inbox: list[Ticket] = []  # submitted, not yet seen by the loop
         self._pending = 0  # submitted and not yet admitted (inbox + waiting): what max_queue bounds
@@ -312,21 +321,31 @@ class Scheduler:
         return torch.Generator(device=self.model.device).manual_seed(seed)
 
     def _decode(self) -> None:
-        """One decode step over every slot; each running choice takes its next token."""
+        """One decode step over every slot; each running choice takes its next token. Plain greedy choices (see
+        `Choice.plain_greedy`) share one argmax, and the logits are checked once for all: on CUDA each per-choice
+        operation waits for the GPU."""
         started = time.perf_counter()
         running = list(self._running)
         logits = self._slots.step({choice.slot: choice.next_token for choice in running})  # (rows, V)
+        logits = logits[torch.tensor([choice.slot for choice in running], device=logits.device)].float()  # (R, V)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        plain = [i for i, choice in enumerate(running) if choice.plain_greedy and finite[i]]
+        best = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         events: dict[Ticket, list[Event]] = defaultdict(list)
         now = time.monotonic()
-        for choice in running:
-            if not choice.ticket.ended:
-                self._take(choice, logits[choice.slot:choice.slot + 1], now, events)
+        for i, choice in enumerate(running):
+            if choice.ticket.ended:
+                continue
+            if i in best:
+                self._accept(choice, best[i], None, None, now, events)
+            else:
+                self._take(choice, logits[i:i + 1], now, events)
         self._send(events)
         self.metrics.batch_rows.observe(len(running))
         self.metrics.step_seconds.observe(time.perf_counter() - started)
 
     def _take(self, choice: Choice, logits: torch.Tensor, now: float, events: dict[Ticket, list[Event]]) -> None:
-        """Choose choice's next token from its logits (1, V) and report it; end the choice where it stops."""
+        """Choose choice's next token from its logits (1, V) through its processors and random stream."""
         ticket, params = choice.ticket, choice.ticket.job.params
         logits = logits.float()
         try:
@@ -336,10 +355,15 @@ class Scheduler:
             return
         raw = logits.log_softmax(dim=-1) if ticket.job.logprobs is not None else None  # before the processors
         token = int(choose_next(choice.processors(logits), params, choice.generator)[0])
+        self._accept(choice, token, *self._logprobs(raw, token, ticket.job), now, events)
+
+    def _accept(self, choice: Choice, token: int, logprob: float | None, top: list[tuple[int, float]] | None,
+                now: float, events: dict[Ticket, list[Event]]) -> None:
+        """Choice took token: report it; end the choice where it stops."""
+        ticket, params = choice.ticket, choice.ticket.job.params
         choice.processors.append([token], [0])
         choice.generated += 1
-        events[ticket].append(Token(choice.index, token, choice.text.push(token), *self._logprobs(raw, token,
-                                                                                                   ticket.job)))
+        events[ticket].append(Token(choice.index, token, choice.text.push(token), logprob, top))
         self.metrics.generated_tokens.inc()
         if ticket.first_token_at is None:
             ticket.first_token_at = now
