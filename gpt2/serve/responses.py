@@ -44,14 +44,13 @@ class Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def chunks(self, events: list[Event]) -> list[dict[str, Any]]:
-        """Record events (Token, Finish); the stream chunks that carry them."""
+        """Record events (Token, Finish); the stream chunks that carry them, one per token and one per finish."""
         chunks = []
         for event in events:
-            if isinstance(event, Token):
+            if isinstance(event, Token):  # a chunk per token, its text empty while a character is incomplete
                 first = not self.tokens[event.choice]
                 logprobs = self._record(event)
-                if event.text or logprobs is not None or (first and self.kind == "chat"):
-                    chunks.append(self._chunk(event.choice, event.text, logprobs, None, first))
+                chunks.append(self._chunk(event.choice, event.text, logprobs, None, first))
             elif isinstance(event, Finish):
                 self.texts[event.choice].append(event.text)
                 self.finish_reasons[event.choice] = event.reason
@@ -117,6 +116,6 @@ class Reply:
             body = {"index": choice, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
-                {"content": text} if text or finish_reason is None else {})
+                {} if finish_reason is not None and not text else {"content": text})
             body = {"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head(chunk=True), "choices": [body]}
