@@ -201,6 +201,11 @@ def test_bad_chat_requests_get_400_naming_the_field(server, body, param):
     assert response.json()["error"]["param"] == param
 
 
+def test_a_body_over_the_size_limit_gets_413(server):
+    response = httpx.post(f"{server.url}/v1/completions", content=b"x" * (5 * 2**20), timeout=WAIT_S)
+    assert response.status_code == 413 and "MiB" in response.json()["error"]["message"]
+
+
 def test_an_unknown_model_and_path_get_404_in_openais_shape(server):
     response = httpx.post(f"{server.url}/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"

@@ -35,6 +35,7 @@ from .scheduler import QueueFull, Scheduler, SchedulerClosed
 
 OPEN_PATHS = ("/health",)  # answered without the API key: load balancers probe it
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+MAX_BODY_BYTES = 4 * 2**20  # a 1024-token context is a few KiB of text; a long chat history is cut to fit anyway
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         return await generate(request, "chat")
 
     async def generate(request: Request, kind: Kind) -> Response:
-        body = await request.body()
+        body = await read_body(request)
         if kind == "completion":
             parsed = parse(CompletionRequest, body)
             check_model(parsed.model)
@@ -146,6 +147,17 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         ApiError: api_error, HTTPException: http_error, Exception: internal_error})
     known = {route.path for route in routes}
     return CountRequests(RequireApiKey(app, config.api_key), metrics, known)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused with 413 past MAX_BODY_BYTES (before it is all in memory)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is over {MAX_BODY_BYTES // 2**20} MiB: no prompt or conversation "
+                                "this model can read is that long")
+    return bytes(body)
 
 
 async def whole(request: Request, reply: Reply, events: Events) -> Response:
