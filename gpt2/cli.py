@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import os
 import re
 import sys
 import warnings
@@ -391,6 +392,55 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ---------------------------------------------------------------------------------------
+
+API_KEY_VARIABLE = "GPT2_SERVE_API_KEY"
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve MODEL over HTTP with OpenAI's API, batching requests as they come",
+                       description="Serve MODEL over HTTP with OpenAI's completions and chat completions API "
+                                   "(/v1/completions, /v1/chat/completions, /v1/models), /health and /metrics "
+                                   "(Prometheus). Requests join and leave one running batch at every decode step. "
+                                   "Needs the serve extra: pip install 'dialogpt-engine[serve]'.")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument("--model-name", help="the model's id in the API (default: MODEL as given)")
+    p.add_argument("--max-batch", type=int,
+                   help="most choices decoding together (default: 16 on the CPU, the C step's most rows; 64 on CUDA)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for the batch; beyond, 429 with Retry-After (default: 64)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="most prompt tokens prefilled between two decode steps (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, waiting included (default: 600)")
+    p.add_argument("--drain-timeout", type=int, default=30,
+                   help="on SIGTERM, seconds the requests in flight may take to finish (default: 30)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
+                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE}; unset: no key)")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:  # the serve extra's packages, needed by this command alone
+        from .serve.server import ServeOptions, serve
+    except ImportError as e:
+        print(f"gpt2 serve: error: the serve extra is not installed ({e}): pip install 'dialogpt-engine[serve]'",
+              file=sys.stderr)
+        return 2
+    try:
+        options = ServeOptions(model_id=args.model_name or args.model, host=args.host, port=args.port,
+                               max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                               request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+                               api_key=args.api_key or None)
+        model = _load(args, args.model)
+        serve(model, options)
+    except ValueError as e:  # a bad model, device or setting
+        print(f"gpt2 serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 / DialoGPT inference engine")
@@ -399,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_chat_parser(sub)
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import statistics
@@ -52,6 +53,20 @@ def test_bench_generation_smoke(tmp_path):
     assert "| this engine " in (tmp_path / "README-table.md").read_text()
     assert "Machine: " in (tmp_path / "generation.md").read_text()
     assert "| this engine " in run.stdout and "weight-streaming bound" in run.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="the serve extra is not installed")
+def test_bench_serve_smoke(tmp_path):
+    """A real `gpt2 serve` on 127.0.0.1 under 1 and 2 streaming clients, each for a second."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_serve", "--smoke", "--out", str(tmp_path),
+                          "--workdir", str(tmp_path / "models")], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    levels = json.loads((tmp_path / "serve.json").read_text())["sizes"]["tiny"]["this engine fp32"]
+    assert [level["clients"] for level in levels] == [1, 2]
+    assert all(level["tokens"] > 0 and level["token_p50_ms"] > 0 and level["ttft_p99_ms"] > 0 for level in levels)
+    assert (tmp_path / "serve.png").stat().st_size > 1000
+    assert "| this engine fp32 | 2 |" in (tmp_path / "serve.md").read_text()
 
 
 def test_gpt2_bench_command(capsys):

@@ -1,0 +1,253 @@
+"""The continuous-batching scheduler in-process (no HTTP): greedy choices equal `generate` alone whatever runs beside
+them, on each decode path; seeded sampling, stop strings, cancellation, timeouts, the queue bound, a failing step;
+and the slots growing and shrinking through their row buckets.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("prometheus_client", reason="the serve extra is not installed: pip install -e '.[serve]'")
+
+import gpt2.serve.slots  # noqa: E402
+from gpt2 import GPT2, GPT2Config  # noqa: E402
+from gpt2.cuda.decode_graph import StaticDecodeStep  # noqa: E402
+from gpt2.sampling import SamplingParams  # noqa: E402
+from gpt2.serve.job import Failure, Finish, Job, Token  # noqa: E402
+from gpt2.serve.metrics import ServeMetrics  # noqa: E402
+from gpt2.serve.scheduler import QueueFull, Scheduler  # noqa: E402
+from gpt2.serve.slots import SlotCache  # noqa: E402
+from gpt2.tokenizer import Tokenizer  # noqa: E402
+from tests.decode_paths import use_path  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128)
+WAIT_S = 60  # a bound on waiting for a job, never reached unless something hangs
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    torch.manual_seed(0)
+    model = GPT2(CONFIG).eval()
+    model.tokenizer = Tokenizer.default()
+    return model
+
+
+class Collector:
+    """A job's sink: its tokens and finish reasons per choice, its failure, and an event once it is over."""
+
+    def __init__(self, job: Job) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(job.rows)]
+        self.texts: list[str] = [""] * job.rows
+        self.reasons: list[str | None] = [None] * job.rows
+        self.failure: Failure | None = None
+        self.over = threading.Event()
+        self.first_token = threading.Event()
+
+    def __call__(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, Token):
+                self.tokens[event.choice].append(event.token)
+                self.texts[event.choice] += event.text
+                self.first_token.set()
+            elif isinstance(event, Finish):
+                self.texts[event.choice] += event.text
+                self.reasons[event.choice] = event.reason
+            else:
+                self.failure = event
+        if self.failure is not None or all(self.reasons):
+            self.over.set()
+
+    def wait(self) -> Collector:
+        assert self.over.wait(WAIT_S), "the job never ended"
+        return self
+
+
+def run(scheduler: Scheduler, job: Job) -> Collector:
+    collector = Collector(job)
+    scheduler.submit(job, collector)
+    return collector
+
+
+@pytest.fixture
+def scheduler(model):
+    """A running scheduler of 16 rows whose prefill takes 8 tokens a turn (so prompts are cut into chunks)."""
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=16, max_queue=64, prefill_chunk=8)
+    scheduler.start()
+    yield scheduler
+    scheduler.stop()
+
+
+def mixed_requests(n: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(50000) for _ in range(rng.randrange(1, 60))], rng.randrange(1, 40)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("path", ["c-step", "forward", "static"])
+def test_greedy_choices_equal_generate_alone_under_sixteen_concurrent_jobs(model, path, monkeypatch):
+    """16 jobs of mixed prompt and output lengths arrive at random moments: each greedy choice is token for token
+    what `generate` gives its prompt alone. "static" runs the CUDA path's step (all max_batch rows, every step over
+    the whole cache) eagerly, as `gpt2.dispatch` runs it under a CUDA graph."""
+    requests = mixed_requests(16, seed=1)
+    expected = [model.generate([prompt], max_new_tokens=n)[0] for prompt, n in requests]
+    steps = use_path("forward" if path == "static" else path, monkeypatch)
+    if path == "static":
+        monkeypatch.setattr(gpt2.serve.slots, "cuda_graphs_enabled", lambda model: True)
+        monkeypatch.setattr(gpt2.serve.slots, "decode_step_for",
+                            lambda model, cache: StaticDecodeStep(model, cache, use_graph=False))
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=16, prefill_chunk=8)
+    scheduler.start()
+    try:
+        rng = random.Random(2)
+        collectors = []
+        for prompt, n in requests:
+            collectors.append(run(scheduler, Job([prompt], SamplingParams(max_new_tokens=n))))
+            time.sleep(rng.random() * 0.005)  # arrivals spread over running decode steps
+        got = [c.wait().tokens[0] for c in collectors]
+    finally:
+        scheduler.stop()
+    assert got == expected
+    if path != "static":
+        assert steps[path] > 0 and sum(steps.values()) == steps[path]
+    registry = scheduler.metrics.registry  # rows decoded per step, on average more than one: they were batched
+    assert registry.get_sample_value("gpt2_decode_batch_rows_sum") > registry.get_sample_value(
+        "gpt2_decode_batch_rows_count")
+
+
+def test_seeded_sampling_is_generates_and_reproducible(scheduler, model):
+    """Choice 0 of a seeded job samples as `generate` with that seed; choice i uses seed + i; rerunning repeats."""
+    prompt = [464, 3290, 318, 257]
+    params = SamplingParams(max_new_tokens=12, do_sample=True, top_k=40, top_p=0.9, temperature=0.8, seed=7,
+                            eos_token_id=None)
+    first = run(scheduler, Job([prompt], params, n=3)).wait().tokens
+    again = run(scheduler, Job([prompt], params, n=3)).wait().tokens
+    assert first == again
+    for i in range(3):
+        alone = model.generate([prompt], max_new_tokens=12, do_sample=True, top_k=40, top_p=0.9, temperature=0.8,
+                               seed=7 + i, eos_token_id=None)[0]
+        assert first[i] == alone
+
+
+def test_several_prompts_with_n_choices_each(scheduler, model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    params = SamplingParams(max_new_tokens=5, do_sample=True, seed=3, eos_token_id=None)
+    got = run(scheduler, Job(prompts, params, n=2)).wait()
+    for choice in range(4):
+        prompt = prompts[choice // 2]
+        assert got.tokens[choice] == model.generate([prompt], max_new_tokens=5, do_sample=True, seed=3 + choice,
+                                                    eos_token_id=None)[0]
+    assert got.reasons == ["length"] * 4
+
+
+def test_a_stop_string_ends_the_choice_and_its_text_stops_before_it(scheduler, model):
+    prompt = [40, 588, 257, 1310]
+    tokens = model.generate([prompt], max_new_tokens=20, eos_token_id=None)[0]
+    text = model.tokenizer.decode(tokens)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    got = run(scheduler, Job([prompt], SamplingParams(max_new_tokens=20, eos_token_id=None), stop=[stop])).wait()
+    assert got.reasons == ["stop"]
+    assert got.texts[0] == text[:text.index(stop)]
+    assert stop in model.tokenizer.decode(got.tokens[0])  # the choice ran to the token completing it, no further
+    assert stop not in model.tokenizer.decode(got.tokens[0][:-1])
+
+
+def test_logprobs_are_the_raw_logits_log_softmax(scheduler, model):
+    prompt = [464, 3290, 318]
+    events = []
+    job = Job([prompt], SamplingParams(max_new_tokens=3, repetition_penalty=1.5), logprobs=2)
+    collector = Collector(job)
+    scheduler.submit(job, lambda batch: (events.extend(batch), collector(batch)))
+    collector.wait()
+    tokens = [e for e in events if isinstance(e, Token)]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + [t.token for t in tokens[:-1]]]))[0, len(prompt) - 1:]
+    expected = logits.log_softmax(-1)
+    for i, token in enumerate(tokens):
+        assert token.logprob == pytest.approx(expected[i, token.token].item(), abs=1e-4)
+        assert [t for t, _ in token.top] == expected[i].topk(2).indices.tolist()
+
+
+def test_cancelling_frees_the_slots_at_the_next_step(model):
+    """A job cancelled at its first token (from its sink, so at a known step) ends there: its 4 slots are free."""
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=16)
+    job = Job([[1, 2, 3]], SamplingParams(max_new_tokens=120, do_sample=True, eos_token_id=None), n=4)
+    collector = Collector(job)
+
+    def cancel_at_first_token(events):
+        collector(events)
+        ticket.cancel()
+
+    ticket = scheduler.submit(job, cancel_at_first_token)
+    scheduler.start()  # after the ticket is known to the sink
+    try:
+        registry = scheduler.metrics.registry
+        wait_until(lambda: registry.get_sample_value("gpt2_jobs_finished_total", {"outcome": "cancelled"}) == 1)
+        wait_until(lambda: registry.get_sample_value("gpt2_slots_in_use") == 0)
+    finally:
+        scheduler.stop()
+    assert all(len(tokens) <= 2 for tokens in collector.tokens)  # the first token, at most one more step's
+    assert not collector.over.is_set()
+
+
+def wait_until(condition, bound_s: float = WAIT_S) -> None:
+    """Poll condition until it holds (the scheduler's thread gets there at its next turn)."""
+    end = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < end, "the condition never held"
+        time.sleep(0.005)
+
+
+def test_a_job_past_its_timeout_fails_with_504(scheduler):
+    got = run(scheduler, Job([[1, 2, 3]], SamplingParams(max_new_tokens=5), timeout_s=0.0)).wait()
+    assert got.failure is not None and got.failure.status == 504 and "timed out" in got.failure.message
+
+
+def test_the_queue_is_bounded(model):
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=2, max_queue=3)  # not started: nothing leaves the queue
+    job = Job([[1, 2]], SamplingParams(max_new_tokens=2))
+    for _ in range(3):
+        scheduler.submit(job, lambda events: None)
+    with pytest.raises(QueueFull, match="3 requests are waiting"):
+        scheduler.submit(job, lambda events: None)
+
+
+def test_a_failing_step_fails_its_jobs_only_and_the_scheduler_goes_on(scheduler, monkeypatch):
+    real = SlotCache.step
+    calls = []
+
+    def failing_once(self, tokens):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(self, tokens)
+
+    monkeypatch.setattr(SlotCache, "step", failing_once)
+    broken = run(scheduler, Job([[1, 2, 3]], SamplingParams(max_new_tokens=5))).wait()
+    assert broken.failure is not None and broken.failure.status == 500 and "injected" in broken.failure.message
+    fine = run(scheduler, Job([[1, 2, 3]], SamplingParams(max_new_tokens=5))).wait()
+    assert fine.failure is None and fine.reasons == ["length"]
+    assert scheduler._slots.in_use == 0
+
+
+def test_slots_grow_through_buckets_and_shrink_back(model):
+    with torch.inference_mode():
+        slots = SlotCache(model, 16)
+        assert slots.buckets == [1, 2, 4, 8, 16] and slots.rows == 1
+        source = model.new_cache(1, 10)
+        model(torch.tensor([[5, 6, 7, 8]]), cache=source)
+        taken = [slots.acquire() for _ in range(5)]
+        assert taken == [0, 1, 2, 3, 4] and slots.rows == 8
+        slots.load(4, source, 0)
+        for slot in range(4):
+            slots.release(slot)
+        assert slots.shrink() == {4: 0} and slots.rows == 1  # one slot in use fits a bucket of 1
+        assert slots.cache.lengths == [4]
+        assert torch.equal(slots.cache.k[:, 0, :, :4], source.k[:, 0, :, :4])
+        slots.release(0)
+        assert slots.in_use == 0
