@@ -172,6 +172,7 @@ def check_beam_settings(num_beams: int, length_penalty: float, early_stopping: b
         raise ValueError(f"on_token with num_beams={num_beams}: beam search chooses its sequences only at the end, "
                          "so there is nothing to stream")
 
+
 def check_count(name: str, value: object) -> None:
     """value must be a positive integer, else a ValueError naming it."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
