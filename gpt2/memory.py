@@ -140,8 +140,8 @@ def tensor_breakdown(model: GPT2) -> dict[str, float]:
     for module in model.modules():
         if isinstance(module, PackedLinear):
             roles["plain weights beside them"] += once(module.plain_weight)
-            if module.weight.layout == torch._mkldnn:
-                roles["oneDNN packed bf16"] += torch.ops.mkldnn._nbytes(module.weight) / MB
+            if module.packed is not None:
+                roles["oneDNN packed bf16"] += torch.ops.mkldnn._nbytes(module.packed) / MB
         elif isinstance(module, Int8Linear):
             roles["plain weights beside them"] += once(module.step_weight) + once(module.step_rows)
             if module.packed is not None:
