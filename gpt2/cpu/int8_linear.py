@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from . import build, int8_matmul
-from .huge_pages import huge_page_copy
+from .huge_pages import huge_page_empty
 from .packed import CpuPackedLinear
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # within a block, what quantize_int8 replaces
+# Rows of a weight quantized at a time into the plain int8 weight: a whole wte's qint8 and int8 copies beside the
+# result added 100 MB to DialoGPT-medium's peak during a load (gpt2.memory)
+_QUANTIZE_ROWS = 4096
 
 
 def cpu_has_vnni() -> bool:
@@ -74,17 +77,16 @@ class Int8Linear(CpuPackedLinear):
         self.out_features, self.in_features = weight.shape
         # max |w| per row without an |W|-sized temporary: the weight may be read straight from a checkpoint file
         scales = torch.maximum(weight.amax(dim=1), -weight.amin(dim=1)).clamp(min=1e-12).double() / 127  # (out,)
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():  # torch marks its quantized tensor type deprecated; the kernels are current
-            warnings.simplefilter("ignore", UserWarning)
-            quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
         self.reduce_range = not cpu_has_vnni()
         # Where the C int8 kernels run, the plain int8 weight (out, in), in 2 MiB pages (a decode step streams it), and
         # each row's scale, bias and sum of its int8 values (out, 3) (csrc/int8.h's int8_row)
         self.step_weight: torch.Tensor | None = None
         self.step_rows: torch.Tensor | None = None
         if build.int8_available():
-            self.step_weight = huge_page_copy(quantized.int_repr())
+            self.step_weight = huge_page_empty((self.out_features, self.in_features), torch.int8)
+            for start in range(0, self.out_features, _QUANTIZE_ROWS):  # a slice at a time: see _QUANTIZE_ROWS
+                rows = slice(start, start + _QUANTIZE_ROWS)
+                self.step_weight[rows] = _quantize(weight[rows], scales[rows]).int_repr()
             bias_values = torch.zeros(self.out_features) if bias is None else bias.detach().float()
             # exact int32 sums against a column of ones: torch's sum of int8 goes through an int64 copy (a whole wte's
             # 300 MB; summed in chunks, the copies fragment the heap nearly as much)
@@ -95,7 +97,7 @@ class Int8Linear(CpuPackedLinear):
         if packed_prefill or self.step_weight is None:
             try:
                 self.packed = torch.ops.quantized.linear_prepack(
-                    quantized, None if bias is None else bias.detach().float().contiguous())
+                    _quantize(weight, scales), None if bias is None else bias.detach().float().contiguous())
             except RuntimeError as e:  # an engine without per-channel int8 (some qnnpack builds)
                 raise ValueError(f"quantize_int8: torch's quantized engine {torch.backends.quantized.engine!r} "
                                  f"cannot pack per-channel int8 weights ({str(e).splitlines()[0]}); load with "
@@ -116,6 +118,13 @@ class Int8Linear(CpuPackedLinear):
     def extra_repr(self) -> str:
         copies = "plain" if self.packed is None else "fbgemm-packed" if self.step_weight is None else "plain + fbgemm"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({copies})"
+
+
+def _quantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """weight (rows, in) fp32 as a qint8 tensor, each row symmetric with its scale (rows,) (zero point 0)."""
+    with warnings.catch_warnings():  # torch marks its quantized tensor type deprecated; the kernels are current
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(weight, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
 
 
 def why_not_quantizable(device: torch.device, dtype: torch.dtype, backend: str) -> str | None:
