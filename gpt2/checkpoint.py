@@ -19,7 +19,8 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .config import ConfigError, GPT2Config
+from .file_pages import FileMapping
 
 ENGINE_FORMAT = "dialogpt-engine"  # safetensors metadata "format" and config.json "engine_format" of our layout
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
@@ -122,11 +124,46 @@ def is_symlink_loop(path: str | Path) -> bool:
 
 def read_checkpoint(src: str | Path, *, preset: str | None = None, config: str | Path | GPT2Config | None = None,
                     progress: bool = False) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
-    """The config and engine-layout state dict of a checkpoint directory or weights file.
+    """The config and engine-layout state dict of a checkpoint directory or weights file, every tensor contiguous.
 
     preset / config override a directory's config.json; without any, the size is inferred from the shapes.
     """
-    src = Path(src)
+    stream = stream_checkpoint(src, preset=preset, config=config)
+    bar = tqdm(stream.tensors, desc="converting", unit="tensor", total=len(engine_shapes(stream.config)),
+               disable=None if progress else True)
+    return stream.config, {name: value.contiguous() for name, value in bar}
+
+
+@dataclass
+class CheckpointStream:
+    """A checkpoint's config and its tensors one at a time (`stream_checkpoint`)."""
+
+    config: GPT2Config
+    # (name, tensor) in `engine_shapes` order and the engine layout: a transposed view where the file holds GPT-2's
+    # Conv1D layout, so not always contiguous
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    # drops a tensor's resident pages of the mapped weights file (`gpt2.file_pages`); nothing for other tensors
+    release: Callable[[torch.Tensor], None]
+
+
+def stream_checkpoint(src: str | Path, *, preset: str | None = None,
+                      config: str | Path | GPT2Config | None = None) -> CheckpointStream:
+    """`read_checkpoint`'s config, checked against every tensor's name, dtype and shape before any is read, and its
+    tensors one at a time, so that a load can put each in its place and `release` its file pages before reading
+    the next: the file's pages of a tensor or two resident at a time instead of the whole file's.
+    """
+    weights, given = _weights_and_config(Path(src), preset, config)
+    raw, engine_layout = read_weights_file(weights)
+    cfg, origin = given if given is not None else (None, None)
+    release = FileMapping(weights).release
+    cfg, tensors = engine_tensors(raw, source=str(weights), config=cfg, config_origin=origin,
+                                  engine_layout=engine_layout, release=release)
+    return CheckpointStream(cfg, tensors, release)
+
+
+def _weights_and_config(src: Path, preset: str | None, config: str | Path | GPT2Config | None,
+                        ) -> tuple[Path, tuple[GPT2Config, str] | None]:
+    """The weights file of src (a directory or a file) and the config given or found beside it, with its origin."""
     given = _given_config(preset, config)
     if src.is_dir():
         weights = next((src / name for name in WEIGHTS_FILES if (src / name).is_file()), None)
@@ -135,17 +172,13 @@ def read_checkpoint(src: str | Path, *, preset: str | None = None, config: str |
             raise CheckpointNotFoundError(f"{src}: no {' or '.join(WEIGHTS_FILES)} in this directory (found: {found})")
         if given is None and (src / "config.json").is_file():
             given = (GPT2Config.from_json(src / "config.json"), str(src / "config.json"))
-    elif src.is_file():
-        weights = src
-    elif is_symlink_loop(src):
+        return weights, given
+    if src.is_file():
+        return src, given
+    if is_symlink_loop(src):
         raise CheckpointNotFoundError(f"checkpoint not found: {src} is a symlink loop (following its links never "
                                       "reaches a file or directory)")
-    else:
-        raise CheckpointNotFoundError(f"checkpoint not found: {src} (no such file or directory)")
-    raw, engine_layout = read_weights_file(weights)
-    cfg, origin = given if given is not None else (None, None)
-    return to_engine_state_dict(raw, source=str(weights), config=cfg, config_origin=origin,
-                                engine_layout=engine_layout, progress=progress)
+    raise CheckpointNotFoundError(f"checkpoint not found: {src} (no such file or directory)")
 
 
 def _given_config(preset: str | None, config: str | Path | GPT2Config | None) -> tuple[GPT2Config, str] | None:
@@ -216,12 +249,27 @@ def _reason(e: BaseException) -> str:
 
 def to_engine_state_dict(raw: Mapping[str, torch.Tensor], *, source: str, config: GPT2Config | None = None,
                          config_origin: str | None = None, engine_layout: bool = False,
-                         progress: bool = False) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
-    """Normalise a raw GPT-2 state dict (HF, Microsoft or engine naming) into (config, engine state dict).
+                         ) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """Normalise a raw GPT-2 state dict (HF, Microsoft or engine naming) into (config, engine state dict), every
+    tensor contiguous; see `engine_tensors` for the arguments."""
+    cfg, tensors = engine_tensors(raw, source=source, config=config, config_origin=config_origin,
+                                  engine_layout=engine_layout)
+    return cfg, {name: value.contiguous() for name, value in tensors}
 
-    source names the file in errors; config (described by config_origin) is checked against the tensors,
-    or inferred from them when None. engine_layout says the weights are already [out, in]; otherwise the
-    layout is read from the shape of h.0.attn.c_attn.weight.
+
+def engine_tensors(raw: Mapping[str, torch.Tensor], *, source: str, config: GPT2Config | None = None,
+                   config_origin: str | None = None, engine_layout: bool = False,
+                   release: Callable[[torch.Tensor], None] | None = None,
+                   ) -> tuple[GPT2Config, Iterator[tuple[str, torch.Tensor]]]:
+    """The config of a raw GPT-2 state dict (HF, Microsoft or engine naming), and its tensors one at a time in the
+    engine's names, order and layout.
+
+    Every name, dtype and shape is checked, and the config checked against them (described by config_origin) or
+    inferred from them when None, before this returns: a bad checkpoint fails before any tensor is used. source
+    names the file in errors; engine_layout says the weights are already [out, in]; otherwise the layout is read
+    from the shape of h.0.attn.c_attn.weight. release, where given, lets go of the pages of the tensors read to
+    check them (a separate lm_head against wte, see `stream_checkpoint`). Tensors holding NaN or inf are warned
+    about (NonFiniteWeightsWarning) once all have been read.
     """
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}  # engine name -> name in the file
@@ -260,32 +308,42 @@ def to_engine_state_dict(raw: Mapping[str, torch.Tensor], *, source: str, config
 
     c_attn = tensors["h.0.attn.c_attn.weight"]
     linear = engine_layout or tuple(c_attn.shape) == expected["h.0.attn.c_attn.weight"]
+    transposed = {name for name in expected if not linear and name.endswith(CONV1D_WEIGHTS)}
+    for name, shape in expected.items():
+        value = tensors[name]
+        stored = shape[::-1] if name in transposed else shape
+        if tuple(value.shape) != stored:
+            layout = (" (Conv1D layout [in, out])" if name in transposed
+                      else " ([out, in])" if name.endswith(CONV1D_WEIGHTS) else "")
+            raise TensorShapeError(f"{source}: key {names[name]!r} has shape {tuple(value.shape)}, expected "
+                                   f"{stored}{layout} for n_embd={cfg.n_embd}")
     wte = tensors["wte.weight"]
     for key, value in lm_heads:
         if value.shape != wte.shape or not _same_values(value.to(wte.dtype), wte):
             raise TiedWeightsError(f"{source}: {key!r} differs from {names['wte.weight']!r}; this engine ties the "
                                    "output layer to the token embedding and cannot run untied weights")
+        if release is not None:
+            release(value)
+    if release is not None and lm_heads:
+        release(wte)
+    return cfg, _in_engine_layout(tensors, names, expected, transposed, source)
 
-    out: dict[str, torch.Tensor] = {}
+
+def _in_engine_layout(tensors: dict[str, torch.Tensor], names: dict[str, str], expected: dict[str, tuple[int, ...]],
+                      transposed: set[str], source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """`engine_tensors`' tensors, checked shapes and all, one at a time (see there)."""
     non_finite: list[str] = []  # "'key' (count of size)" for each tensor holding NaN or inf
-    for name, shape in tqdm(expected.items(), desc="converting", unit="tensor", disable=None if progress else True):
+    for name in expected:
         value = tensors[name]
-        transpose = not linear and name.endswith(CONV1D_WEIGHTS)
-        stored = (shape[1], shape[0]) if transpose else shape
-        if tuple(value.shape) != stored:
-            layout = " (Conv1D layout [in, out])" if transpose else " ([out, in])" if name.endswith(CONV1D_WEIGHTS) else ""
-            raise TensorShapeError(f"{source}: key {names[name]!r} has shape {tuple(value.shape)}, expected "
-                                   f"{stored}{layout} for n_embd={cfg.n_embd}")
-        out[name] = (value.t() if transpose else value).contiguous()
         if holds_non_finite(value):
             count = value.numel() - int(torch.isfinite(value).sum())
             non_finite.append(f"{names[name]!r} ({count} of {value.numel()} values)")
+        yield name, value.t() if name in transposed else value
     if non_finite:
         more = f" and {len(non_finite) - 6} more" if len(non_finite) > 6 else ""
         warnings.warn(f"{source}: {len(non_finite)} tensor(s) hold NaN or inf: {', '.join(non_finite[:6])}{more}; "
                       "the model will compute NaN or inf from them (is the checkpoint damaged, or saved after "
                       "training diverged?)", NonFiniteWeightsWarning, stacklevel=2)
-    return cfg, out
 
 
 def holds_non_finite(value: torch.Tensor) -> bool:

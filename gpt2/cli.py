@@ -70,10 +70,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="an engine directory (gpt2 convert), a Hugging Face directory, a weights file, or a hub id")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="compute dtype (default: fp32; bf16 on a CPU with native bf16 packs the weights for oneDNN)")
+                   help="compute dtype (default: fp32; bf16 on a CPU with native bf16 runs the C kernels and oneDNN)")
     p.add_argument("--backend", choices=BACKENDS, help="fused-op backend (default: triton on cuda, torch elsewhere)")
     p.add_argument("--quantize", choices=["int8"],
                    help="int8 linear layers, activations quantized on the fly (CPU, fp32 only)")
+    p.add_argument("--packed-prefill", action="store_true",
+                   help="bf16 / int8 on the CPU: keep a second, packed copy of the weights for faster prefills")
 
 
 SAMPLING_FLAGS = (("max_new_tokens", int, "most tokens per reply"), ("temperature", float, "sampling temperature"),
@@ -153,7 +155,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace, model: str, quantize: str | None = None) -> GPT2:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend, quantize=quantize)
+    return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend, quantize=quantize,
+                packed_prefill=args.packed_prefill)
 
 
 def _load_draft(args: argparse.Namespace) -> GPT2 | None:
@@ -434,7 +437,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                                max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                                request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
                                api_key=args.api_key or None)
-        model = _load(args, args.model)
+        model = _load(args, args.model, args.quantize)
         serve(model, options)
     except ValueError as e:  # a bad model, device or setting
         print(f"gpt2 serve: error: {e}", file=sys.stderr)

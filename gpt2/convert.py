@@ -73,7 +73,7 @@ def convert(src: str | Path, dst: str | Path, *, preset: str | None = None, conf
         tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
         tmp.mkdir()
         try:
-            _write(tmp, config, state_dict, tokenizer)
+            write_engine_dir(tmp, config, state_dict, tokenizer)
             _put_in_place(tmp, dst, force)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +117,10 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
                            "not replacing it even with --force (choose another path or remove it yourself)")
 
 
-def _write(directory: Path, config: GPT2Config, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+def write_engine_dir(directory: Path, config: GPT2Config, state_dict: dict[str, torch.Tensor],
+                     tokenizer: Tokenizer) -> None:
+    """Write config.json, model.safetensors (state_dict in the engine layout, contiguous tensors), vocab.json and
+    merges.txt into the existing directory: what `convert` assembles before moving it into place."""
     config_json = {**config.to_dict(), "engine_format": ENGINE_FORMAT}
     (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     save_file(state_dict, directory / "model.safetensors", metadata={"format": ENGINE_FORMAT})

@@ -83,14 +83,24 @@ class Block(nn.Module):
         return backend.add_layer_norm(mlp_out, residual, next_norm.weight, next_norm.bias, next_norm.eps)
 
 
+def _embedding(rows: int, width: int) -> nn.Embedding:
+    """nn.Embedding(rows, width) with its default N(0, 1) weights, left uninitialised on the meta device: `gpt2.load`
+    builds the model there and assigns every weight, and initialising a meta tensor imports torch._dynamo (about 2.5 s
+    and 140 MB of resident memory, docs/performance.md#gpt2memorypy-what-a-loaded-model-costs)."""
+    weight = torch.empty(rows, width)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, width, _weight=weight)
+
+
 class GPT2(nn.Module):
     tokenizer: Tokenizer
 
     def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte = _embedding(config.vocab_size, config.n_embd)
+        self.wpe = _embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head: nn.Module | None = None  # None: tied to wte (logits = h wte^T); quantize/packing set their own

@@ -91,6 +91,14 @@ def _ranks_from_files(vocab: dict[str, int], merges: list[tuple[str, str]], voca
     return ranks
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes: comparing them spares parsing both (a few MB that stay resident)."""
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
 class StreamDecoder:
     """Decodes a token stream piece by piece; bytes of a character split across tokens wait for the rest."""
 
@@ -127,8 +135,10 @@ class Tokenizer:
     def from_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> Tokenizer:
         """A tokenizer from a checkpoint's vocab.json + merges.txt (the shipped encoding when they hold the same)."""
         vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
-        vocab, merges = _read_vocab(vocab_json), _read_merges(merges_txt)
         default = cls.default()
+        if all(_same_bytes(mine, shipped) for mine, shipped in zip((vocab_json, merges_txt), default._files)):
+            return cls(default._encoding, default.eos_token_id, vocab_json, merges_txt)  # a converted model's copies
+        vocab, merges = _read_vocab(vocab_json), _read_merges(merges_txt)
         if vocab == _read_vocab(default._files[0]) and merges == _read_merges(default._files[1]):
             return cls(default._encoding, default.eos_token_id, vocab_json, merges_txt)
         if ENDOFTEXT not in vocab:

@@ -1,5 +1,6 @@
-"""bf16 linears packed for oneDNN (gpt2.cpu.bf16_linear): the layers swapped, the logits as close to fp32 as torch's
-own bf16 path gets, and the packed model usable like any other (generate, score, copy) or refused clearly.
+"""bf16 linears for the CPU (gpt2.cpu.bf16_linear), with and without oneDNN's packed copy (packed_prefill): the layers
+swapped, the logits as close to fp32 as torch's own bf16 path gets, and the model usable like any other (generate,
+score, copy) or refused clearly.
 
 The bound: packing, and the bf16 kernel decode steps run on, change only the order of the fp32 sums, so the model's
 error against fp32 is that of running GPT-2 in bf16 at all. That is measured here on transformers' model cast to
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import gpt2
-from gpt2.cpu import small_batch_matmul
+from gpt2.cpu import build, small_batch_matmul
 from gpt2.cpu.bf16_linear import PackedLinear, bf16_packing_available, pack_bf16
 from tests.checkpoints import engine_twin
 
@@ -30,20 +31,30 @@ def packed(reference_model):
     return pack_bf16(engine_twin(reference_model).to(torch.bfloat16))
 
 
-def test_every_linear_and_the_lm_head_are_packed(packed):
-    for block in packed.h:
+@pytest.fixture(scope="module")
+def with_packed_copy(reference_model):
+    return pack_bf16(engine_twin(reference_model).to(torch.bfloat16), packed_prefill=True)
+
+
+@pytest.mark.parametrize("packed_prefill", [False, True])
+def test_every_linear_and_the_lm_head_are_packed(packed, with_packed_copy, packed_prefill):
+    model = with_packed_copy if packed_prefill else packed
+    one_copy = not packed_prefill and build.bf16_available()  # oneDNN's copy kept where the bf16 kernel is missing
+    for block in model.h:
         for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            assert isinstance(layer, PackedLinear) and layer.weight.layout == torch._mkldnn
-    assert isinstance(packed.lm_head, PackedLinear)
+            assert isinstance(layer, PackedLinear)
+            assert layer.packed is None if one_copy else layer.packed.layout == torch._mkldnn
+    assert isinstance(model.lm_head, PackedLinear)
     assert packed.wte.weight.dtype == torch.bfloat16 and packed.wte.weight.layout == torch.strided  # the lookup
     assert packed.lm_head.plain_weight.data_ptr() == packed.wte.weight.data_ptr()  # shared, not a third copy
 
 
+@pytest.mark.parametrize("packed_prefill", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (5, 8, 64)])  # 1 and 15 rows: a decode's; 40: oneDNN's
-def test_packed_layer_matches_a_plain_bf16_matmul(shape):
+def test_packed_layer_matches_a_plain_bf16_matmul(shape, packed_prefill):
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 64), torch.randn(48)
-    layer = PackedLinear(weight, bias)
+    layer = PackedLinear(weight, bias, packed_prefill)
     assert torch.equal(layer.dense_weight(), weight.bfloat16())
     x = torch.randn(*shape).bfloat16()
     with torch.inference_mode():
@@ -56,11 +67,12 @@ def test_packed_layer_matches_a_plain_bf16_matmul(shape):
         torch.testing.assert_close(layer.forward_gelu(x).float(), gelu, rtol=2**-8, atol=1e-3)
 
 
-def test_logit_error_is_within_twice_torch_bf16(reference_model, packed, token_ids):
+@pytest.mark.parametrize("packed_prefill", [False, True])
+def test_logit_error_is_within_twice_torch_bf16(reference_model, packed, with_packed_copy, token_ids, packed_prefill):
     with torch.inference_mode():
         exact = reference_model(token_ids).logits
         torch_bf16 = copy.deepcopy(reference_model).to(torch.bfloat16)(token_ids).logits
-        ours = packed(token_ids)
+        ours = (with_packed_copy if packed_prefill else packed)(token_ids)
     assert ours.dtype == torch.bfloat16
     assert rel_rms(ours, exact) <= 2 * rel_rms(torch_bf16, exact)
     assert (ours.argmax(-1) == exact.argmax(-1)).float().mean().item() > 0.9
@@ -106,7 +118,7 @@ def test_deepcopy_repacks_and_casting_is_refused(packed):
     assert twin.h[0].mlp.c_fc.dense_weight().data_ptr() != packed.h[0].mlp.c_fc.dense_weight().data_ptr()
     assert twin.lm_head.dense_weight().data_ptr() != packed.wte.weight.data_ptr()  # not the original's wte
     twin.to("cpu", torch.bfloat16)  # what it is already: allowed
-    with pytest.raises(ValueError, match="oneDNN-packed bf16 weights, which stay on the CPU in torch.bfloat16"):
+    with pytest.raises(ValueError, match="CPU-only bf16 weights, which stay on the CPU in torch.bfloat16"):
         twin.to(torch.float32)
 
 

@@ -30,6 +30,12 @@ def models(reference_model):
     return model, quantize_int8(copy.deepcopy(model))
 
 
+@pytest.fixture(scope="module")
+def packed_model(models):
+    """The int8 model with fbgemm's packed copy beside the plain weights (`packed_prefill`): its forward is fbgemm's."""
+    return quantize_int8(copy.deepcopy(models[0]), packed_prefill=True)
+
+
 def test_every_linear_and_the_lm_head_are_int8(models):
     _, quantized = models
     for block in quantized.h:
@@ -39,20 +45,22 @@ def test_every_linear_and_the_lm_head_are_int8(models):
     assert quantized.wte.weight.dtype == torch.float32  # the lookup stays exact
 
 
-def test_logit_error_is_bounded(models, token_ids):
+@pytest.mark.parametrize("packed", [False, True])
+def test_logit_error_is_bounded(models, packed_model, token_ids, packed):
     model, quantized = models
     with torch.inference_mode():
-        exact, approx = model(token_ids), quantized(token_ids)
+        exact, approx = model(token_ids), (packed_model if packed else quantized)(token_ids)
     rel_rms = ((approx - exact).norm() / exact.norm()).item()
     assert rel_rms < REL_RMS_BOUND
     assert (approx.argmax(-1) == exact.argmax(-1)).float().mean().item() > 0.9
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64)])
-def test_quantized_layer_is_within_its_rounding_bounds(shape):
+@pytest.mark.parametrize("packed_prefill", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (3, 7, 64)])  # 1 and 15 rows: the C kernel's; 21: _int_mm's
+def test_quantized_layer_is_within_its_rounding_bounds(shape, packed_prefill):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    q = Int8Linear(linear.weight, linear.bias)
+    q = Int8Linear(linear.weight, linear.bias, packed_prefill)
     weight, scales = q.int8_weight()
     dequantized = weight.float() * scales[:, None]  # (out, in)
     assert (dequantized - linear.weight).abs().max() <= scales.max() / 2 + 1e-6  # half a weight step
@@ -60,9 +68,10 @@ def test_quantized_layer_is_within_its_rounding_bounds(shape):
     with torch.inference_mode():
         exact = torch.nn.functional.linear(x, dequantized, linear.bias)
         y = q(x)
-    # x is quantized to 255 (7-bit: 127) steps over [min(x, 0), max(x, 0)]: each input off by at most half a
-    # step, so output o is off by at most step / 2 * sum_k |W[o, k]| (plus fp32 summation-order noise).
-    levels = 127 if q.reduce_range else 255
+    # x is quantized to 255 (7-bit, fbgemm without VNNI: 127) steps over [min(x, 0), max(x, 0)] of the whole call
+    # (fbgemm) or of each row (the plain weight's path: a range no wider): each input off by at most half a step, so
+    # output o is off by at most step / 2 * sum_k |W[o, k]| (plus fp32 summation-order noise).
+    levels = 127 if q.packed is not None and q.reduce_range else 255
     step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
     bound = step / 2 * dequantized.abs().sum(dim=1) + 1e-4  # (out,)
     assert y.shape == (*shape[:-1], 48)
@@ -81,7 +90,7 @@ def test_quantized_model_copies_and_refuses_casts(models, token_ids):
     twin = copy.deepcopy(quantized).to("cpu", torch.float32)  # what it is already: allowed
     with torch.inference_mode():
         assert torch.equal(twin(token_ids), quantized(token_ids))
-    with pytest.raises(ValueError, match="fbgemm-packed int8 weights, which stay on the CPU in torch.float32"):
+    with pytest.raises(ValueError, match="CPU-only int8 weights, which stay on the CPU in torch.float32"):
         twin.half()
 
 
@@ -91,7 +100,7 @@ def test_an_engine_that_cannot_pack_is_reported(monkeypatch):
 
     monkeypatch.setattr(torch.ops.quantized, "linear_prepack", cannot_pack)
     with pytest.raises(ValueError, match="cannot pack per-channel int8 weights .per-channel quantization is not sup"):
-        Int8Linear(torch.randn(8, 4), None)
+        Int8Linear(torch.randn(8, 4), None, packed_prefill=True)
 
 
 def test_refuses_a_bf16_model(reference_model):
@@ -121,7 +130,7 @@ def test_the_c_step_matmul_is_fbgemms_row_by_row(n_rows, out_features, in_featur
     for row and output counts that leave partial blocks and passes, with an input row of one sign and one of zeros."""
     generator = torch.Generator().manual_seed(n_rows)
     layer = Int8Linear(torch.randn(out_features, in_features, generator=generator) / 8,
-                       torch.randn(out_features, generator=generator))
+                       torch.randn(out_features, generator=generator), packed_prefill=True)  # forward: fbgemm
     x = torch.randn(n_rows, in_features, generator=generator) * 3
     x[0] = x[0].abs()  # no negative value: the zero point at 0
     if n_rows > 1:

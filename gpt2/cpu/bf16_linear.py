@@ -1,17 +1,17 @@
-"""bf16 linear layers on the CPU with their weights reordered once into oneDNN's blocked layout.
+"""bf16 linear layers on the CPU, each weight held once, in the plain (out, in) layout; with packed_prefill, a second
+copy in oneDNN's blocked layout for the prefills.
 
-oneDNN's bf16 matmul (avx512_bf16 dot products, fp32 accumulation) reads a weight fastest in the blocked
-layout it picks for a given batch size; given a plain (out, in) weight it is no faster than fp32 at one row. The
-layout chosen for 8 rows (`PACKED_FOR_ROWS`) measured fastest at every row count measured (1, 8 and a 256-row
-prefill), so every layer is packed for 8, and the tied lm_head gets a packed copy too. `pack_bf16` is applied by
-`gpt2.load(..., dtype=torch.bfloat16)` on CPUs where oneDNN runs bf16 natively.
-
-Calls of 1-16 rows (decode steps) go instead to this engine's bf16 kernel (`gpt2.cpu.small_batch_matmul.matmul_bf16`)
-on the plain (out, in) weight, kept beside the packed one, where the kernels are built and the CPU has
-avx512_bf16: there it is faster than the packed layout. oneDNN keeps the longer calls, where its packed layout is the
-fastest. So a packed bf16 model holds each block matrix twice, in bf16 (as much memory as its fp32 weights), and wte
-twice: the lm_head's plain weight is wte itself, beside its packed copy. A generation's decode steps run on the plain
-weights in one C call per step (`gpt2.cpu.decode_step`), not through these layers.
+Calls of 1-16 rows (decode steps) go to this engine's bf16 kernel (`gpt2.cpu.small_batch_matmul.matmul_bf16`) on the
+plain weight, where the kernels are built and the CPU has avx512_bf16: there it is faster than oneDNN on either
+layout. A generation's decode steps run on the plain weights in one C call per step (`gpt2.cpu.decode_step`), not
+through these layers. Longer calls (prefills) go to oneDNN's bf16 matmul (avx512_bf16 dot products or AMX, fp32
+accumulation), which reads a weight fastest in the blocked layout it picks for a batch size: the one for 8 rows
+(`PACKED_FOR_ROWS`) measured fastest at every row count measured. On the plain weight oneDNN reorders it on every
+call, so a prefill's matmuls take longer there, and a packed copy takes as much memory again. One copy is the default:
+`gpt2.load(..., packed_prefill=True)` keeps the packed one too, for a faster prefill at twice the weights' memory (both
+measured in docs/performance.md). Where the bf16 kernel does not run, the packed copy is kept regardless: there it is
+the faster layout at every row count. The lm_head's plain weight is wte itself (tied), shared with the lookup.
+`pack_bf16` is applied by `gpt2.load(..., dtype=torch.bfloat16)` on CPUs where oneDNN runs bf16 natively.
 
 Measured: docs/performance.md#gpt2cpubf16_linearpy-the-packed-bf16-layout
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import small_batch_matmul
+from . import build, small_batch_matmul
 from .huge_pages import collapse_into_huge_pages, huge_page_copy
 from .packed import CpuPackedLinear
 
@@ -39,13 +39,15 @@ def bf16_packing_available() -> bool:
 
 
 class PackedLinear(CpuPackedLinear):
-    """y = x W^T + b for bf16 x (..., in), with W held in oneDNN's opaque blocked layout (CPU only), and in the plain
-    (out, in) layout for this engine's bf16 kernel, which takes calls of 1-16 rows where it runs."""
+    """y = x W^T + b for bf16 x (..., in) on the CPU, W held once in the plain (out, in) layout: this engine's bf16
+    kernel takes calls of 1-16 rows, oneDNN the longer ones. With packed_prefill (or where the bf16 kernel does not
+    run) a second copy in oneDNN's blocked layout is kept for oneDNN's calls, the faster one for them (see the module
+    docstring)."""
 
     dtype = torch.bfloat16
-    layout = "oneDNN-packed bf16"
+    layout = "CPU-only bf16"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed_prefill: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         # Plain attributes, not buffers: an opaque oneDNN tensor has no storage to save, copy or move, and the
@@ -58,21 +60,26 @@ class PackedLinear(CpuPackedLinear):
             collapse_into_huge_pages(weight.data_ptr(), weight.numel() * weight.element_size())
         else:
             self.plain_weight = huge_page_copy(weight.to(torch.bfloat16).contiguous())
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(self.plain_weight, PACKED_FOR_ROWS)
-        if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step streams it: 2 MiB pages (gpt2.cpu.huge_pages)
-            collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(self.weight), torch.ops.mkldnn._nbytes(self.weight))
+        self.packed: torch.Tensor | None = None
+        if packed_prefill or not build.bf16_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.plain_weight, PACKED_FOR_ROWS)
+            if hasattr(torch.ops.mkldnn, "data_ptr"):  # a decode step may stream it: 2 MiB pages (gpt2.cpu.huge_pages)
+                collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(self.packed), torch.ops.mkldnn._nbytes(self.packed))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if small_batch_matmul.applies_bf16(x, self.plain_weight, self.bias):  # a decode step's 1-16 rows
             return small_batch_matmul.matmul_bf16(x, self.plain_weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.bias, "none", [], "")
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """gelu_new(x W^T + b), applied in fp32 before the output is rounded to bf16 (by oneDNN: its tanh GELU)."""
         if small_batch_matmul.applies_bf16(x, self.plain_weight, self.bias):
             return small_batch_matmul.matmul_bf16(x, self.plain_weight, self.bias, gelu=True)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
+        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.bias, "gelu", [], "tanh")
+
+    def _onednn_weight(self) -> torch.Tensor:
+        return self.plain_weight if self.packed is None else self.packed
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as an ordinary bf16 (out, in) tensor."""
@@ -81,10 +88,11 @@ class PackedLinear(CpuPackedLinear):
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         # a copy of the plain weight: the constructor shares a bf16 tensor it is given, which would tie the copy
         # to this layer's memory
-        return PackedLinear(self.dense_weight().clone(), self.bias)
+        return PackedLinear(self.dense_weight().clone(), self.bias, packed_prefill=self.packed is not None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed for oneDNN"
+        copies = "plain" if self.packed is None else "plain + oneDNN-packed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 ({copies})"
 
 
 def why_not_packable(model: GPT2) -> str | None:
@@ -100,12 +108,12 @@ def why_not_packable(model: GPT2) -> str | None:
 
 
 @torch.no_grad()
-def pack_bf16(model: GPT2) -> GPT2:
+def pack_bf16(model: GPT2, packed_prefill: bool = False) -> GPT2:
     """Replace, in place, every block's four linear layers and the lm_head by PackedLinear; returns model.
 
     The model must be bf16 on the CPU on the torch backend (see `why_not_packable`). Each layer keeps the block
-    weight's plain tensor beside its packed copy (see `PackedLinear`); the lm_head gets its own packed copy of wte,
-    whose plain tensor it shares with the lookup.
+    weight's plain tensor, and with packed_prefill a packed copy beside it (see `PackedLinear`); the lm_head's plain
+    weight is wte, shared with the lookup.
     """
     reason = why_not_packable(model)
     if reason is not None:
@@ -114,6 +122,6 @@ def pack_bf16(model: GPT2) -> GPT2:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
                              (block.mlp, "c_proj")):
             linear = getattr(parent, name)
-            setattr(parent, name, PackedLinear(linear.weight, linear.bias))
-    model.lm_head = PackedLinear(model.wte.weight, None)
+            setattr(parent, name, PackedLinear(linear.weight, linear.bias, packed_prefill))
+    model.lm_head = PackedLinear(model.wte.weight, None, packed_prefill)
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import mmap
 
 import torch
@@ -13,16 +14,16 @@ _HUGE_PAGE = 2 << 20  # bytes: Linux's transparent huge page on x86-64
 _MADV_COLLAPSE = 25  # Linux 6.1+: back a range with huge pages now (not in Python 3.11's mmap module)
 
 
-def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor t in fresh memory that Linux may back with 2 MiB pages; t itself where it cannot be.
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor of shape and dtype in fresh memory that Linux may back with 2 MiB pages (zeros until written);
+    below 2 MiB, or where huge pages are off, an ordinary torch.empty.
 
     Streaming a weight through 4 KiB pages costs TLB misses; in 2 MiB pages the decode matmuls and the whole decode
-    step measured faster (docs/performance.md#gpt2cpuhuge_pagespy-2-mib-pages). Ordinary pages where huge pages are
-    off.
+    step measured faster (docs/performance.md#gpt2cpuhuge_pagespy-2-mib-pages).
     """
-    n_bytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or n_bytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return t
+    n_bytes = math.prod(shape) * dtype.itemsize
+    if n_bytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
     # fresh anonymous pages (not reused heap), with room to start on a 2 MiB boundary
     memory = mmap.mmap(-1, n_bytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     with torch.inference_mode(False):  # an ordinary tensor, usable by autograd later
@@ -30,7 +31,17 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
         start = -raw.data_ptr() % _HUGE_PAGE
         # whole huge pages only: a partial one at the end would hold up to 2 MiB of unused memory
         memory.madvise(mmap.MADV_HUGEPAGE, start, n_bytes // _HUGE_PAGE * _HUGE_PAGE)
-        return raw[start:start + n_bytes].view(t.dtype).view(t.shape).copy_(t.detach())
+        return raw[start:start + n_bytes].view(dtype).view(shape)
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor t in `huge_page_empty`'s memory; t itself where that would be ordinary memory (under 2
+    MiB, huge pages off) or t is not on the CPU."""
+    n_bytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or n_bytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t
+    with torch.inference_mode(False):
+        return huge_page_empty(tuple(t.shape), t.dtype).copy_(t.detach())
 
 
 def huge_page_weights(module: nn.Module) -> None:
