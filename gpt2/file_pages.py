@@ -12,13 +12,13 @@ transposed copy) is never discarded.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import mmap
 import os
 from pathlib import Path
 
 import torch
+
+from .cpu.huge_pages import libc_madvise
 
 _PAGE = mmap.PAGESIZE
 
@@ -32,8 +32,8 @@ class FileMapping:
     def release(self, t: torch.Tensor) -> None:
         """Drop the resident pages of t's bytes that lie inside this file's mappings (best effort: nothing where
         madvise or /proc cannot be used)."""
-        madvise = _libc_madvise()
-        if madvise is None or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
+        madvise = libc_madvise()
+        if madvise is None or not hasattr(mmap, "MADV_DONTNEED") or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
             return
         start = t.data_ptr() // _PAGE * _PAGE  # whole pages: one shared with a neighbour is read again if needed
         end = -(-(t.data_ptr() + _byte_span(t)) // _PAGE) * _PAGE
@@ -63,16 +63,3 @@ def _private_mappings(path: Path) -> list[tuple[int, int]]:
             low, high = fields[0].split("-")
             ranges.append((int(low, 16), int(high, 16)))
     return ranges
-
-
-@functools.cache
-def _libc_madvise():  # noqa: ANN202 - a ctypes function, or None
-    if not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise

@@ -61,7 +61,7 @@ def collapse_into_huge_pages(address: int, n_bytes: int) -> int:
     """
     start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
     end = (address + n_bytes) // _HUGE_PAGE * _HUGE_PAGE
-    madvise = _libc_madvise()
+    madvise = libc_madvise()
     if end <= start or madvise is None or not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     if madvise(start, end - start, mmap.MADV_HUGEPAGE) != 0 or madvise(start, end - start, _MADV_COLLAPSE) != 0:
@@ -70,7 +70,8 @@ def collapse_into_huge_pages(address: int, n_bytes: int) -> int:
 
 
 @functools.cache
-def _libc_madvise():  # noqa: ANN202 - a ctypes function, or None
+def libc_madvise():  # noqa: ANN201 - a ctypes function, or None
+    """libc's madvise(address, length, advice) through ctypes, or None where it cannot be had."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
