@@ -105,10 +105,14 @@ def timed(engines: list[Engine], prompts: list[list[int]], args: argparse.Namesp
     return measure(engines, prompts, args.new_tokens, args.repeats, before_turn=None if args.smoke else wait_for_quiet)
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b; NaN where b, a decode time (the difference of two generates), came out 0: a smoke run's few tokens."""
+    return a / b if b > 0 else float("nan")
+
+
 def paired(timings: dict[str, Timing], slow: str, fast: str, by: Callable[[Timing], list[float]]) -> list[float]:
-    """Per repeat, by(slow) / by(fast): ratios of samples taken seconds apart (NaN where a decode time, the difference
-    of two generates, came out 0: a smoke run's few tokens)."""
-    return [a / b if b > 0 else float("nan") for a, b in zip(by(timings[slow]), by(timings[fast]))]
+    """Per repeat, by(slow) / by(fast): ratios of samples taken seconds apart."""
+    return [ratio(a, b) for a, b in zip(by(timings[slow]), by(timings[fast]))]
 
 
 def full_seconds(t: Timing) -> list[float]:
@@ -276,9 +280,9 @@ def beam_lines(beams: dict) -> list[str]:
                          [[name, f"{ms[name]:.2f}", f"{best[name]:.2f}"] for name in names]), "",
             f"- a step of {BEAMS} beams over a greedy step of batch {BEAMS}: {statistics.median(over_greedy):.2f}x "
             f"(median of the repeats' ratios; each repeat {', '.join(f'{r:.2f}' for r in over_greedy)}); of the "
-            f"fastest runs {best[ours] / best[greedy]:.2f}x",
+            f"fastest runs {ratio(best[ours], best[greedy]):.2f}x",
             f"- transformers' beam search step over this engine's: {statistics.median(over_ours):.2f}x (each repeat "
-            f"{', '.join(f'{r:.2f}' for r in over_ours)}); of the fastest runs {best[theirs] / best[ours]:.2f}x",
+            f"{', '.join(f'{r:.2f}' for r in over_ours)}); of the fastest runs {ratio(best[theirs], best[ours]):.2f}x",
             f"- this engine's beams identical to transformers': {beams['identical_to_transformers']}"]
 
 
