@@ -260,6 +260,7 @@ class Scheduler:
             admitted.append(ticket)
         if not admitted:
             return
+        self._slots.reserve(self._reserved)  # one resize for all the admitted choices, not one per bucket
         with self._wakeup:
             self._pending -= len(admitted)
         entries = [(ticket, p) for ticket in admitted for p in range(len(ticket.job.prompts))]
