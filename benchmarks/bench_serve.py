@@ -3,14 +3,17 @@ one request at a time (--max-batch 1), and against llama.cpp's server (llama-cpp
 to GGUF by llama.cpp's own converter) where it is installed. DialoGPT-small and -medium shapes with seeded random
 weights, fp32 and int8 (llama.cpp: f32 and q8_0).
 
-Each client sends requests back to back for --window seconds over 127.0.0.1: the same --prompt-len-token prompt text,
---new-tokens greedy tokens (end of text suppressed: min_new_tokens for this server, a logit bias for llama.cpp's), streamed.
+Each client sends requests back to back for --window seconds over 127.0.0.1: the same --prompt-len-token prompt
+text, --new-tokens greedy tokens (end of text suppressed: min_new_tokens for this server, a logit bias for
+llama.cpp's), streamed.
 Reported per server and number of clients: generated tokens/s over the window, time to first token p50 / p99, and
 per-token latency (between a reply's successive tokens) p50 / p99, over the requests whose tokens arrived in the
-window; and how busy other processes kept the machine meanwhile. The clients run in this process, on the server's
-machine: their share of its two cores is part of what is measured. Writes serve.json, serve.md and serve.png to --out.
+window; and the CPU the server, the clients and other processes used meanwhile. The clients run in this process,
+on the server's machine: their share of its two cores is part of what is measured. Writes serve.json, serve.md and
+serve.png to --out.
 
-    python -m benchmarks.bench_serve                                   # full run (about 25 minutes on 2 cores)
+    python -m benchmarks.bench_serve                                   # full run (about 17 minutes on 2 cores)
+    # with llama.cpp's server too (about 25 minutes):
     python -m benchmarks.bench_serve --llama-python venv/bin/python --llama-convert llama.cpp/convert_hf_to_gguf.py
     python -m benchmarks.bench_serve --device cuda --out OUT           # on a GPU: fp16 and fp32, 64 rows
     python -m benchmarks.bench_serve --smoke --out /tmp/smoke          # seconds: the tiny shape, 1 and 2 clients (CI)
