@@ -3,15 +3,19 @@ one request at a time (--max-batch 1), and against llama.cpp's server (llama-cpp
 to GGUF by llama.cpp's own converter) where it is installed. DialoGPT-small and -medium shapes with seeded random
 weights, fp32 and int8 (llama.cpp: f32 and q8_0).
 
-Each client sends requests back to back for --window seconds over 127.0.0.1: the same --prompt-len-token prompt text,
---new-tokens greedy tokens (end of text suppressed: min_new_tokens for this server, a logit bias for llama.cpp's), streamed.
+Each client sends requests back to back for --window seconds over 127.0.0.1: the same --prompt-len-token prompt
+text, --new-tokens greedy tokens (end of text suppressed: min_new_tokens for this server, a logit bias for
+llama.cpp's), streamed.
 Reported per server and number of clients: generated tokens/s over the window, time to first token p50 / p99, and
 per-token latency (between a reply's successive tokens) p50 / p99, over the requests whose tokens arrived in the
-window; and how busy other processes kept the machine meanwhile. The clients run in this process, on the server's
-machine: their share of its two cores is part of what is measured. Writes serve.json, serve.md and serve.png to --out.
+window; and the CPU the server, the clients and other processes used meanwhile. The clients run in this process,
+on the server's machine: their share of its two cores is part of what is measured. Writes serve.json, serve.md and
+serve.png to --out.
 
-    python -m benchmarks.bench_serve                                   # full run (about 25 minutes on 2 cores)
+    python -m benchmarks.bench_serve                                   # full run (about 17 minutes on 2 cores)
+    # with llama.cpp's server too (about 25 minutes):
     python -m benchmarks.bench_serve --llama-python venv/bin/python --llama-convert llama.cpp/convert_hf_to_gguf.py
+    python -m benchmarks.bench_serve --device cuda --out OUT           # on a GPU: fp16 and fp32, 64 rows
     python -m benchmarks.bench_serve --smoke --out /tmp/smoke          # seconds: the tiny shape, 1 and 2 clients (CI)
 """
 
@@ -104,18 +108,20 @@ def start(name: str, argv: list[str], model: str, kind: str, address: str, env: 
             return Server(name, process, found.group(1), model, kind, log)
 
 
-def engine_server(model_dir: Path, dtype: str, max_batch: int) -> Server:
+def engine_server(model_dir: Path, dtype: str, max_batch: int, device: str) -> Server:
     name = f"this engine {dtype}" + (" one at a time" if max_batch == 1 else "")
+    precision = ["--quantize", "int8"] if dtype == "int8" else ["--dtype", dtype]
     argv = [sys.executable, "-m", "gpt2.cli", "serve", str(model_dir), "--port", "0", "--max-batch", str(max_batch),
-            "--max-queue", "256", "--model-name", "bench"] + (["--quantize", "int8"] if dtype == "int8" else [])
+            "--max-queue", "256", "--model-name", "bench", "--device", device, *precision]
     return start(name, argv, "bench", "engine", r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 def llama_server(python: str, gguf: Path, quant: str, port: int) -> Server:
-    """llama-cpp-python's server on gguf: 2 threads, GPT-2's 1024-token context (one request at a time: it has no
-    continuous batching)."""
+    """llama-cpp-python's server on gguf: 2 threads, GPT-2's 1024-token context, one request at a time (it has no
+    continuous batching; by default a new request interrupts the running one, here it waits its turn)."""
     argv = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "1024", "--model_alias", "bench"]
+            "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "1024", "--model_alias", "bench",
+            "--interrupt_requests", "False"]
     return start(f"llama.cpp {quant}", argv, "bench", "llama.cpp", rf"Uvicorn running on (http://127\.0\.0\.1:{port})")
 
 
@@ -133,13 +139,16 @@ class Level:
     first_token_s: list[float] = field(default_factory=list)
     token_gaps_s: list[float] = field(default_factory=list)
     other_cores: float = 0.0  # other processes' average load meanwhile, server and clients excluded
+    server_cores: float = 0.0  # the server's average CPU use meanwhile
+    client_cores: float = 0.0  # the clients' (this process's)
 
     def summary(self) -> dict:
         return {"clients": self.clients, "tokens_per_s": self.tokens / self.seconds, "tokens": self.tokens,
                 "seconds": self.seconds, "requests_done": self.requests_done,
                 "ttft_p50_ms": percentile(self.first_token_s, 50), "ttft_p99_ms": percentile(self.first_token_s, 99),
                 "token_p50_ms": percentile(self.token_gaps_s, 50), "token_p99_ms": percentile(self.token_gaps_s, 99),
-                "ttft_samples": len(self.first_token_s), "other_cores": self.other_cores}
+                "ttft_samples": len(self.first_token_s), "other_cores": self.other_cores,
+                "server_cores": self.server_cores, "client_cores": self.client_cores}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -201,8 +210,10 @@ async def run_level(server: Server, clients: int, prompt: str, new_tokens: int, 
         await asyncio.gather(*(client(http, server, body, level, end) for _ in range(clients)))
         level.seconds = time.monotonic() - started
         busy, own, now = cpu_times()
-        others = (busy - before[0]) - (own - before[1]) - (server.cpu_seconds() - server_cpu)
-        level.other_cores = max(others, 0.0) / max(now - before[2], 1e-9)
+        seconds = max(now - before[2], 1e-9)
+        level.server_cores = (server.cpu_seconds() - server_cpu) / seconds
+        level.client_cores = (own - before[1]) / seconds
+        level.other_cores = max((busy - before[0]) / seconds - level.server_cores - level.client_cores, 0.0)
         await wait_idle(http, server)
     return level
 
@@ -233,13 +244,13 @@ def hf_checkpoint(size: str, workdir: Path) -> Path:
     return directory
 
 
-def gguf(checkpoint: Path, quant: str, convert: Path, python: str, workdir: Path) -> Path:
-    """checkpoint converted by llama.cpp's converter (its own gguf package beside it), made once."""
+def gguf(checkpoint: Path, quant: str, convert: Path, workdir: Path) -> Path:
+    """checkpoint converted by llama.cpp's converter (which reads it with torch and writes with the gguf package
+    beside it), made once."""
     out = workdir / f"{checkpoint.name}-{quant}.gguf"
     if not out.is_file():
-        env = {**os.environ, "PYTHONPATH": str(convert.parent / "gguf-py"), "NO_LOCAL_GGUF": ""}
-        subprocess.run([python, str(convert), str(checkpoint), "--outtype", quant, "--outfile", str(out)],
-                       check=True, env=env, capture_output=True)
+        subprocess.run([sys.executable, str(convert), str(checkpoint), "--outtype", quant, "--outfile", str(out)],
+                       check=True, capture_output=True)
     return out
 
 
@@ -249,7 +260,11 @@ def gguf(checkpoint: Path, quant: str, convert: Path, python: str, workdir: Path
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"])
-    p.add_argument("--dtypes", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "int8", "fp16", "bf16"],
+                   help="default: fp32 and int8 on the CPU, fp16 and fp32 on CUDA")
+    p.add_argument("--max-batch", type=int, help="this engine's batching server (default: 16 on the CPU, the C "
+                                                   "step's most rows; 64 on CUDA)")
     p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -262,6 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tiny shape, fp32, batching only, 1 and 2 clients, 1 s windows (CI)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
+    args.dtypes = args.dtypes or (["fp32", "int8"] if args.device == "cpu" else ["fp16", "fp32"])
+    args.max_batch = args.max_batch or (16 if args.device == "cpu" else 64)
     if args.smoke:
         args.sizes, args.dtypes, args.clients, args.window, args.prompt_len, args.new_tokens = (
             ["tiny"], ["fp32"], [1, 2], 1.0, 8, 4)
@@ -270,18 +287,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def servers_for(size: str, args: argparse.Namespace) -> list[Callable[[], Server]]:
-    """A function starting each server measured on size: per dtype, this engine batching (16 rows, the CPU step's
-    most), one at a time, and llama.cpp's where given."""
+    """A function starting each server measured on size: per dtype, this engine batching (--max-batch rows), one at
+    a time, and llama.cpp's where given (CPU, fp32 and int8)."""
     checkpoint = hf_checkpoint(size, args.workdir)
     starts = []
     for dtype in args.dtypes:
-        starts.append(lambda d=dtype: engine_server(checkpoint, d, 16))
+        starts.append(lambda d=dtype: engine_server(checkpoint, d, args.max_batch, args.device))
         if args.one_at_a_time:
-            starts.append(lambda d=dtype: engine_server(checkpoint, d, 1))
-        if args.llama_python and args.llama_convert:
+            starts.append(lambda d=dtype: engine_server(checkpoint, d, 1, args.device))
+        if args.llama_python and args.llama_convert and dtype in ("fp32", "int8"):
             quant = {"fp32": "f32", "int8": "q8_0"}[dtype]
             starts.append(lambda q=quant: llama_server(args.llama_python, gguf(
-                checkpoint, q, args.llama_convert, args.llama_python, args.workdir), q, free_port()))
+                checkpoint, q, args.llama_convert, args.workdir), q, free_port()))
     return starts
 
 
@@ -302,18 +319,25 @@ def main(argv: list[str] | None = None) -> int:
         results["llama.cpp"] = "not measured: give --llama-python and --llama-convert"
     for size in args.sizes:
         runs = results["sizes"][size] = {}
+        failures = results.setdefault("failures", [])
         for start_server in servers_for(size, args):
             server = start_server()
             try:
                 levels = [asyncio.run(run_level(server, c, prompt, args.new_tokens, args.window))
                           for c in args.clients]
+            except (httpx.HTTPError, RuntimeError) as e:  # a server that breaks is reported, the others still run
+                failures.append(f"{size} {server.name}: {type(e).__name__}: {e}; its log ends: "
+                                + " | ".join(line.strip() for line in server.log[-3:]))
+                print(failures[-1], flush=True)
+                continue
             finally:
                 server.stop()
             runs[server.name] = [level.summary() for level in levels]
             for summary in runs[server.name]:
                 print(f"{size} {server.name} x{summary['clients']}: {summary['tokens_per_s']:.1f} tok/s, TTFT p50 "
                       f"{fmt(summary['ttft_p50_ms'])} ms, per token p50 {fmt(summary['token_p50_ms'])} / p99 "
-                      f"{fmt(summary['token_p99_ms'])} ms (other load {summary['other_cores']:.2f} cores)",
+                      f"{fmt(summary['token_p99_ms'])} ms (cores: server {summary['server_cores']:.2f}, clients "
+                      f"{summary['client_cores']:.2f}, others {summary['other_cores']:.2f})",
                       flush=True)
     (args.out / "serve.json").write_text(json.dumps(results, indent=1))
     (args.out / "serve.md").write_text(report(results))
@@ -335,6 +359,7 @@ def report(results: dict) -> str:
              f"tokens per request, {results['settings']['window']} s of load per number of clients.", ""]
     if "llama.cpp" in results:
         lines += [f"llama.cpp: {results['llama.cpp']}", ""]
+    lines += [f"Failed: {failure}" for failure in results.get("failures", [])] + [""] * bool(results.get("failures"))
     for size, runs in results["sizes"].items():
         lines += [f"### {size}", "", "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | "
                   "per-token p99 ms | requests done | other load (cores) |", "| --- " * 9 + "|"]

@@ -46,4 +46,8 @@ stage generation 120 python3 -m benchmarks.bench_generation_cuda --out "$out"
 stage gpt2-bench 45 python3 -m gpt2.cli bench --device cuda --sizes small --no-progress
 stage compiled 110 python3 -m benchmarks.bench_generation_cuda --sizes small medium --batch 1 --compile \
     --out "$out/compiled"
+# Not among the default stages (their limits fill one call): STAGES=serve runs gpt2 serve on the GPU, its tests
+# (the CUDA-graph slots against generate) and its benchmark at 1-64 clients.
+stage serve 300 sh -c 'python3 -m pytest -q -p no:cacheprovider tests/test_serve_http.py -k cuda -rfs &&
+    python3 -m benchmarks.bench_serve --device cuda --sizes small --window 8 --out "$0"' "$out"
 cat "$out/gpu.txt"

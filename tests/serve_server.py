@@ -34,11 +34,13 @@ def save_model(directory: Path, config: GPT2Config = SERVE_CONFIG) -> Path:
 
 
 class Server:
-    """`gpt2 serve MODEL --port 0 FLAGS` until stop(); url is where it listens."""
+    """`gpt2 serve MODEL --port 0 --device DEVICE FLAGS` until stop(); url is where it listens. The device is the
+    CPU unless a test asks for CUDA (the server's own default is CUDA where there is one)."""
 
-    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None, device: str = "cpu") -> None:
         environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        self.process = subprocess.Popen([sys.executable, "-m", "gpt2.cli", "serve", str(model), "--port", "0", *flags],
+        argv = [sys.executable, "-m", "gpt2.cli", "serve", str(model), "--port", "0", "--device", device, *flags]
+        self.process = subprocess.Popen(argv,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                         env=environment)
         self.log: list[str] = []

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve,test]'")
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve,test]'")
@@ -103,6 +104,31 @@ def test_sixteen_concurrent_greedy_requests_of_mixed_lengths_equal_generate(serv
         thread.join()
     assert got == expected
     assert server.metric("gpt2_decode_batch_rows_sum") > server.metric("gpt2_decode_batch_rows_count")  # batched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_sixteen_concurrent_greedy_requests_equal_generate(model_dir):
+    """The CUDA path: the slots' one cache of max_batch rows, each step replayed from its captured graph."""
+    cuda_model = gpt2.load(model_dir, device="cuda")
+    server = Server(model_dir, device="cuda")
+    try:
+        rng = random.Random(3)
+        requests = [([rng.randrange(50000) for _ in range(rng.randrange(1, 120))], rng.randrange(1, 48))
+                    for _ in range(16)]
+        results: list[str | None] = [None] * len(requests)
+
+        def send(i: int) -> None:
+            with httpx.Client(timeout=WAIT_S) as client:
+                results[i] = complete(server, client, i % 2 == 0, prompt=requests[i][0], max_tokens=requests[i][1])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [greedy_text(cuda_model, prompt, n) for prompt, n in requests]
+    finally:
+        assert server.stop() in STOPPED_BY_SIGTERM, "".join(server.log)
 
 
 def test_the_openai_client_completes_and_chats_streaming_and_not(server, model):

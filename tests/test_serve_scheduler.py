@@ -236,17 +236,30 @@ def test_a_failing_step_fails_its_jobs_only_and_the_scheduler_goes_on(scheduler,
 
 
 def test_slots_grow_through_buckets_and_shrink_back(model):
+    """Growing takes one copy to the bucket that holds what is reserved; shrinking waits until a quarter-size bucket
+    has held the slots in use for SHRINK_AFTER steps in a row."""
     with torch.inference_mode():
         slots = SlotCache(model, 16)
         assert slots.buckets == [1, 2, 4, 8, 16] and slots.rows == 1
         source = model.new_cache(1, 10)
         model(torch.tensor([[5, 6, 7, 8]]), cache=source)
+        slots.reserve(5)
+        assert slots.rows == 8
         taken = [slots.acquire() for _ in range(5)]
         assert taken == [0, 1, 2, 3, 4] and slots.rows == 8
         slots.load(4, source, 0)
         for slot in range(4):
             slots.release(slot)
-        assert slots.shrink() == {4: 0} and slots.rows == 1  # one slot in use fits a bucket of 1
+        for _ in range(gpt2.serve.slots.SHRINK_AFTER - 1):
+            assert slots.shrink() == {} and slots.rows == 8
+        taken = [slots.acquire(), slots.acquire()]  # 3 in use: no quarter-size bucket holds them, the count restarts
+        assert slots.shrink() == {} and slots.sparse_steps == 0
+        for slot in taken:
+            slots.release(slot)
+        moves = {}
+        for _ in range(gpt2.serve.slots.SHRINK_AFTER):
+            moves = slots.shrink() or moves
+        assert moves == {4: 0} and slots.rows == 1  # one slot in use fits a bucket of 1
         assert slots.cache.lengths == [4]
         assert torch.equal(slots.cache.k[:, 0, :, :4], source.k[:, 0, :, :4])
         slots.release(0)

@@ -42,10 +42,10 @@ def completion_job(request: CompletionRequest, tokenizer: Tokenizer, limits: Lim
     for i, prompt in enumerate(prompts):
         if len(prompt) + params.max_new_tokens > limits.n_positions:
             where = f"prompt {i} has" if len(prompts) > 1 else "the prompt has"
+            total = len(prompt) + params.max_new_tokens
             raise ApiError(400, f"This model's maximum context length is {limits.n_positions} tokens, but {where} "
-                                f"{len(prompt)} tokens and max_tokens is {params.max_new_tokens}: "
-                                f"{len(prompt) + params.max_new_tokens} in all. Shorten the prompt or lower max_tokens.",
-                           "prompt", code="context_length_exceeded")
+                                f"{len(prompt)} tokens and max_tokens is {params.max_new_tokens}: {total} in all. "
+                                "Shorten the prompt or lower max_tokens.", "prompt", code="context_length_exceeded")
     return _job(request, prompts, params, limits, request.logprobs)
 
 

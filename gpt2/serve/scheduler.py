@@ -195,6 +195,9 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - whatever went wrong, the server stays up
                     log.exception("a scheduler turn failed")
                     self._fail_all(Failure(500, f"the server failed on this request: {type(e).__name__}: {e}"))
+            with self._wakeup:  # closed: nothing joins the inbox any more
+                self._waiting += self._inbox
+                self._inbox.clear()
             self._fail_all(Failure(503, "the server shut down before this request finished"))
 
     @property
@@ -227,7 +230,8 @@ class Scheduler:
             return False
 
     def _fail_all(self, failure: Failure) -> None:
-        tickets = [*self._waiting, *self._inbox, *(c.ticket for c in self._running)]
+        """Fail every job the loop holds (those still in the inbox join at the next turn)."""
+        tickets = [*self._waiting, *(c.ticket for c in self._running)]
         if self._group is not None:
             tickets += [ticket for ticket, _ in self._group.entries]
         for ticket in _unique(tickets):
@@ -260,6 +264,7 @@ class Scheduler:
             admitted.append(ticket)
         if not admitted:
             return
+        self._slots.reserve(self._reserved)  # one resize for all the admitted choices, not one per bucket
         with self._wakeup:
             self._pending -= len(admitted)
         entries = [(ticket, p) for ticket in admitted for p in range(len(ticket.job.prompts))]

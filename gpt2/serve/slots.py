@@ -4,9 +4,11 @@ The decode step is the dispatch's (`gpt2.dispatch.decode_step_for`: the CPU's on
 CUDA graph on CUDA, else the forward), and it appends a token to every row of its cache. Free rows take token 0 at
 position 0 (their length is reset before each step) and their logits are ignored; a slot's row is overwritten when it
 is next loaded. On the CPU a step's cost grows with its rows, used or not, so the cache is resized through row
-buckets (1, 2, 4, 8, ...): grown when a slot is needed, shrunk once a bucket a quarter its size or less holds the
-slots in use, each time copying the rows in use. A lone request then decodes at batch 1. Where the step is a CUDA
-graph, a new cache means a new capture while a step's cost barely grows with its rows: the cache keeps max_rows.
+buckets (1, 2, 4, 8, ...), each time copying the rows in use: grown at once to the bucket that holds the slots about
+to be needed (`reserve`), and shrunk once a bucket a quarter its size or less has held the slots in use for
+SHRINK_AFTER steps in a row, so that a lone request decodes at batch 1 while a batch whose requests end and are
+replaced together keeps its cache (and its memory, already paged in). Where the step is a CUDA graph, a new cache
+means a new capture while a step's cost barely grows with its rows: the cache keeps max_rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from ..kv_cache import KVCache
 
 if TYPE_CHECKING:
     from ..model import GPT2
+
+SHRINK_AFTER = 64  # decode steps: longer than a request takes to be replaced by the next in a busy batch
 
 
 def row_buckets(model: GPT2, max_rows: int) -> list[int]:
@@ -42,6 +46,7 @@ class SlotCache:
         self.model = model
         self.buckets = row_buckets(model, max_rows)
         self.used: list[bool] = []
+        self.sparse_steps = 0  # steps in a row for which a quarter-size bucket held the slots in use
         self.cache: KVCache
         self.decode: DecodeFn
         self._resize(self.buckets[0], [])
@@ -59,12 +64,18 @@ class SlotCache:
     def in_use(self) -> int:
         return sum(self.used)
 
+    def reserve(self, more: int) -> None:
+        """Grow the cache, in one copy, to the smallest bucket that holds the slots in use and `more` others."""
+        needed = self.in_use + more
+        if needed > self.max_rows:
+            raise RuntimeError(f"{needed} slots asked for, {self.max_rows} exist")
+        if needed > self.rows:
+            self._resize(next(b for b in self.buckets if b >= needed), list(range(self.rows)))
+
     def acquire(self) -> int:
-        """A free slot (the lowest), growing the cache to the next bucket when none is free."""
+        """A free slot (the lowest), growing the cache when none is free."""
         if all(self.used):
-            if self.rows == self.max_rows:
-                raise RuntimeError(f"all {self.max_rows} slots are in use")
-            self._resize(next(b for b in self.buckets if b > self.rows), list(range(self.rows)))
+            self.reserve(1)
         slot = self.used.index(False)
         self.used[slot] = True
         return slot
@@ -91,17 +102,23 @@ class SlotCache:
         return self.decode(ids.to(self.model.device))
 
     def shrink(self) -> dict[int, int]:
-        """Move the slots in use into a smaller cache where one a quarter the size or less holds them (see the module
-        docstring); returns each moved slot's new slot (nothing when nothing moved)."""
+        """Called once a step: move the slots in use into a smaller cache once one a quarter the size or less has
+        held them for SHRINK_AFTER calls in a row (see the module docstring); returns each moved slot's new slot
+        (nothing when nothing moved)."""
         used = [slot for slot, busy in enumerate(self.used) if busy]
         target = next(b for b in self.buckets if b >= max(len(used), 1))
-        if target >= self.rows or (used and target > self.rows // 4):
+        if target >= self.rows or target > self.rows // 4:
+            self.sparse_steps = 0
+            return {}
+        self.sparse_steps += 1
+        if self.sparse_steps < SHRINK_AFTER:
             return {}
         self._resize(target, used)
         return {old: new for new, old in enumerate(used) if old != new}
 
     def _resize(self, rows: int, keep: list[int]) -> None:
-        """A cache of rows rows whose row i is the current cache's row keep[i], and its decode step."""
+        """A cache of rows rows whose row i is the current cache's row keep[i] (in use or not, as it was), and its
+        decode step."""
         cache = self.model.new_cache(rows, self.model.config.n_positions)
         if keep:
             held = max(self.cache.lengths[r] for r in keep)
@@ -110,6 +127,7 @@ class SlotCache:
             cache.k[:, :len(keep), :, :held] = self.cache.k[:, source, :, :held]
             cache.v[:, :len(keep), :, :held] = self.cache.v[:, source, :, :held]
             cache.lengths[:len(keep)] = [self.cache.lengths[r] for r in keep]
-        self.used = [i < len(keep) for i in range(rows)]
+        self.used = [self.used[keep[i]] if i < len(keep) else False for i in range(rows)]
+        self.sparse_steps = 0
         self.cache = cache
         self.decode = decode_step_for(self.model, cache)
