@@ -113,17 +113,19 @@ class LoadFootprint:
 
 
 def load_footprint(path: str | Path, *, dtype: torch.dtype = torch.float32, quantize: str | None = None,
-                   packed_prefill: bool = False, threads: int = 2,
+                   packed_prefill: bool = False, kv_dtype: torch.dtype | None = None, threads: int = 2,
                    batch: int = 1, prompt_len: int = 32, new_tokens: int = 32) -> LoadFootprint:
-    """`gpt2.load(path, dtype=..., quantize=..., packed_prefill=...)` and then a generate (batch
+    """`gpt2.load(path, dtype=..., quantize=..., packed_prefill=..., kv_dtype=...)` and then a generate (batch
     prompts of prompt_len tokens, new_tokens greedy ones each) in a fresh Python process, measured there; raises
     RuntimeError with its stderr if it fails."""
     names = {value: key for key, value in DTYPES.items()}
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype} is not supported; choose one of {', '.join(map(str, names))}")
+    for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype)):
+        if value is not None and value not in names:
+            raise ValueError(f"{name} {value} is not supported; choose one of {', '.join(map(str, names))}")
     command = [sys.executable, "-m", "gpt2.memory", str(path), "--dtype", names[dtype], "--threads", str(threads),
                "--batch", str(batch), "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens)]
     command += ["--quantize", quantize] if quantize is not None else []
+    command += ["--kv-dtype", names[kv_dtype]] if kv_dtype is not None else []
     command += ["--packed-prefill"] if packed_prefill else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -145,7 +147,8 @@ def _measure(args: argparse.Namespace) -> LoadFootprint:
     runtime = process_memory().rss
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
-    model = load(args.model, dtype=dtype, quantize=args.quantize, packed_prefill=args.packed_prefill)
+    model = load(args.model, dtype=dtype, quantize=args.quantize, packed_prefill=args.packed_prefill,
+                 kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     load_s = time.perf_counter() - start
     after_load = process_memory()
     tensors = tensor_breakdown(model)
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--quantize", choices=["int8"])
     p.add_argument("--packed-prefill", action="store_true")
+    p.add_argument("--kv-dtype", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)
