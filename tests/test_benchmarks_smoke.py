@@ -24,8 +24,8 @@ INTERPRETER_PROBLEM = interpreter_problem()  # Triton's interpreter cannot run t
 
 
 def test_bench_generation_smoke(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--smoke", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_generation", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "generation.json").read_text())
     tiny = results["sizes"]["tiny"]
@@ -52,6 +52,12 @@ def test_bench_generation_smoke(tmp_path):
     assert "| this engine " in (tmp_path / "README-table.md").read_text()
     assert "Machine: " in (tmp_path / "generation.md").read_text()
     assert "| this engine " in run.stdout and "weight-streaming bound" in run.stdout
+    loads = tiny["footprints"]  # each engine's load, in a process of its own
+    assert set(loads) == {"this engine", "transformers"}
+    for f in loads.values():
+        assert f["load_peak_mb"] >= f["rss_after_load_mb"] > f["runtime_mb"] > 0
+    assert sum(loads["this engine"]["breakdown"].values()) == pytest.approx(loads["this engine"]["rss_after_load_mb"])
+    assert "Memory of each engine's load" in (tmp_path / "generation.md").read_text()
 
 
 def test_gpt2_bench_command(capsys):
