@@ -5,7 +5,9 @@ DialoGPT-small and -medium shapes with seeded random weights.
 Every engine gets the same prompts and generates exactly --new-tokens tokens per row (end of text
 suppressed). Reported per engine: prefill ms, decode ms per step, tokens/s, peak memory growth, agreement
 of the generated ids with transformers eager, and the batch-1 decode step as a multiple of the machine's
-weight-streaming bound measured in the same run. Writes a table to stdout and JSON + PNG to --out.
+weight-streaming bound measured in the same run; per engine and size, what its load costs in memory, each in a
+fresh process (this engine's modes: `gpt2.memory`, with a breakdown; transformers: `benchmarks.footprints`;
+CTranslate2: its worker). Writes tables to stdout and JSON + PNG to --out.
 Engines that are not installed, or fail to set up, are skipped with the reason in the output.
 
     python -m benchmarks.bench_generation                 # full run (about 17 minutes on 2 cores)
@@ -31,13 +33,15 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.ctranslate2_engine import ctranslate2_engines
+from benchmarks.footprints import transformers_footprint
 from benchmarks.host import cpu_times, other_cores, peak_rss_growth_mb, steal_seconds, wait_for_quiet
 from benchmarks.reference import reference_pair, transformers_engine
-from gpt2 import GPT2Config
+from gpt2 import GPT2, GPT2Config
 from gpt2.bench import (BF16_SKIPPED, SIZES, BoundProbe, Engine, agreement, format_table, low_precision_engines,
                         measure, paired_prefill_ratios, random_prompts, this_engine)
 from gpt2.cpu import build
 from gpt2.cpu.bf16_linear import bf16_packing_available
+from gpt2.memory import ENGINE_LOADS, FOOTPRINT_NOTE, engine_footprints, weights_mb
 
 REFERENCE = "transformers eager"
 BASELINE = "transformers sdpa"  # what the speed ratios are taken against
@@ -187,10 +191,33 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         result["runs"].append(run_batch(batch_engines, config, batch, args, bar, compile_cost, probe))
     result["bound"] = vars(probe.result())
+    bar.set_postfix_str(f"{size}: memory of each load")
+    result["footprints"] = footprints(engines, model, hf_model, args)
     for engine in engines:
         if engine.close is not None:
             engine.close()
     return result
+
+
+def footprints(engines: list[Engine], model: GPT2, hf_model: torch.nn.Module, args: argparse.Namespace) -> dict:
+    """Per engine, what its load costs in memory, each in a process of its own: this engine's modes loading model's
+    weights (`gpt2.memory`, with the breakdown), transformers loading hf_model's (one load serves eager and sdpa),
+    CTranslate2's workers as they loaded. MB and seconds; weights_mb where the format's size is known."""
+    measure = {"threads": args.threads, "batch": max(args.batch), "prompt_len": args.prompt_len,
+               "new_tokens": args.new_tokens}
+    ours = engine_footprints(model, [e.name for e in engines if e.name in ENGINE_LOADS], **measure)
+    out: dict = {name: {"weights_mb": f.weights_mb, "runtime_mb": f.runtime_mb, "rss_after_load_mb": f.after_load.rss,
+                        "load_peak_mb": f.after_load.peak, "load_s": f.load_s,
+                        "generate_growth_mb": f.generate_growth_mb, "breakdown": f.breakdown(), "line": f.line(name)}
+                 for name, f in ours.items()}
+    if any(e.name.startswith("transformers") for e in engines):
+        with tempfile.TemporaryDirectory(prefix="bench-hf-") as workdir:
+            out["transformers"] = {"weights_mb": weights_mb(model.config),
+                                   **transformers_footprint(hf_model, Path(workdir), **measure)}
+    for engine in engines:
+        if engine.footprint is not None:
+            out[engine.name] = engine.footprint()
+    return out
 
 
 def run_batch(engines: list[Engine], config: GPT2Config, batch: int, args: argparse.Namespace, bar: tqdm,
@@ -253,9 +280,28 @@ def table(results: dict) -> str:
     return format_table(header, rows)
 
 
+def memory_table(results: dict) -> str:
+    header = ["size", "engine", "weights MB", "runtime MB", "RSS after load MB", "x weights", "load peak MB",
+              "load s"]
+    rows = []
+    for size, res in results["sizes"].items():
+        for name, f in res.get("footprints", {}).items():
+            weights = f.get("weights_mb")
+            rows.append([size, name, f"{weights:.0f}" if weights else "", f"{f['runtime_mb']:.0f}",
+                         f"{f['rss_after_load_mb']:.0f}", f"{_over_weights(f):.2f}" if weights else "",
+                         f"{f['load_peak_mb']:.0f}", f"{f['load_s']:.1f}"])
+    return format_table(header, rows)
+
+
+def _over_weights(footprint: dict) -> float:
+    """What the load added to its process's RSS, over the weights in the engine's format."""
+    return (footprint["rss_after_load_mb"] - footprint["runtime_mb"]) / footprint["weights_mb"]
+
+
 def summary_lines(results: dict) -> list[str]:
     lines = []
     for size, res in results["sizes"].items():
+        lines += [f"{size} {f['line']}" for f in res.get("footprints", {}).values() if "line" in f]
         b = res["bound"]
         kernels = ", ".join(f"{k} {b['sample_kernels'].count(k)}" for k in dict.fromkeys(b["sample_kernels"]))
         lines.append(f"{size}: weight-streaming bound {b['gemv_ms']:.1f} ms = {b['n_bytes'] / 1e6:.0f} MB of fp32 "
@@ -303,6 +349,7 @@ def headline(results: dict) -> str:
     header = ["engine"]
     for size in sizes:
         header += [f"{size} decode b1 ms (x bound / sustained)", f"{size} decode b{big} ms", f"{size} prefill b1 ms"]
+    header.append(f"{sizes[-1]} RSS after load MB (x weights)")
     names = list(dict.fromkeys(name for res in results["sizes"].values() for run in res["runs"]
                                for name in run["engines"]))
     rows = []
@@ -315,13 +362,19 @@ def headline(results: dict) -> str:
             row += [f"{one['decode_ms']:.1f} ({one['decode_to_bound']:.2f} / {one['decode_to_sustained_bound']:.2f})"
                     if one else "",
                     f"{many['decode_ms']:.1f}" if many else "", f"{one['prefill_ms']:.0f}" if one else ""]
+        loads = results["sizes"][sizes[-1]].get("footprints", {})
+        f = loads.get(name, loads.get("transformers") if name.startswith("transformers") else None)
+        ratio = f" ({_over_weights(f):.2f})" if f and f.get("weights_mb") else ""
+        row.append(f"{f['rss_after_load_mb']:.0f}{ratio}" if f else "")
         rows.append(row)
     bounds = ", ".join(f"{size} {res['bound']['gemv_ms']:.1f} ms (sustained {res['bound']['sustained_ms']:.1f})"
                        for size, res in results["sizes"].items())
     m = results["machine"]
     return (format_table(header, rows) + f"\n\n{m['cpu']}, {results['threads']} threads, torch {m['torch']}; "
             f"prompt {results['prompt_len']} tokens, {results['new_tokens']} greedy tokens, median of "
-            f"{results['repeats']} interleaved repeats; seeded random weights of the DialoGPT shapes; "
+            f"{results['repeats']} interleaved repeats; seeded random weights of the DialoGPT shapes; RSS after load: "
+            f"the whole process's, each engine loading in a fresh one, x weights: what the load added to it over the "
+            f"weights in the engine's format (transformers: fp32); "
             f"x bound: the decode step over the weight-streaming bound (the fastest fp32 GEMV over the weights a "
             f"decode step reads, fastest of 3) sampled just before it, median over the repeats; sustained: the same "
             f"over that GEMV's mean over as many calls in a row as the decode has steps; the bounds' medians: "
@@ -339,7 +392,8 @@ def markdown(results: dict, lines: list[str]) -> str:
         f"of the host (steal time) {results.get('steal_cores', 0.0):.2f}.",
         f"This engine's {m['cpu_kernels']}.", "",
         f"Command: `{results.get('command', 'python -m benchmarks.bench_generation')}`. Plot: `generation.png`; "
-        "every sample: `generation.json`.", "", table(results), "", *[f"- {line}" for line in lines], ""])
+        "every sample: `generation.json`.", "", table(results), "", "Memory of each engine's load:", "",
+        memory_table(results), "", *[f"- {line}" for line in lines], ""])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -409,12 +463,16 @@ def main(argv: list[str] | None = None) -> int:
              "sampled just before its generate, median over the repeats; x sustained: the same over the bound "
              "sustained over as many GEMVs in a row as the decode has steps; "
              "peak mem: RSS growth during one generate (KV cache, activations, workspaces; weights excluded); "
+             f"memory of each load: {FOOTPRINT_NOTE}; transformers' runtime includes importing transformers, "
+             "CTranslate2's (a worker process) importing torch and ctranslate2; "
              "CTranslate2 runs in a worker process per compute type, timed through a pipe"]
     (args.out / "generation.json").write_text(json.dumps(results, indent=1))
     (args.out / "generation.md").write_text(markdown(results, lines))
     (args.out / "README-table.md").write_text(headline(results) + "\n")
     plot(results, args.out / "generation.png")
     print(table(results))
+    print()
+    print(memory_table(results))
     print()
     print("\n".join(lines))
     print(f"other processes used {results['other_processes_cores']:.2f} cores on average during the run, "

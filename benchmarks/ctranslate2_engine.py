@@ -10,6 +10,7 @@ In a worker process that spinning is another process's CPU use, which the benchm
 from __future__ import annotations
 
 import multiprocessing
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -61,20 +62,25 @@ def _worker_engine(name: str, model_dir: Path, compute_type: str, threads: int, 
 
     return Engine(name, lambda prompts, n: call("generate", prompts, n),
                   logits=lambda prompts: torch.from_numpy(call("logits", prompts)),
-                  memory_mb=lambda prompts, n: call("memory", prompts, n), close=close)
+                  memory_mb=lambda prompts, n: call("memory", prompts, n), close=close,
+                  footprint=lambda: call("footprint"))
 
 
 def serve(conn: Connection, model_dir: str, compute_type: str, threads: int, vocabulary: list[str]) -> None:
-    """The worker: answers ("ready"), ("generate", prompts, n), ("logits", prompts), ("memory", prompts, n)
-    until ("stop")."""
+    """The worker: answers ("ready"), ("generate", prompts, n), ("logits", prompts), ("memory", prompts, n),
+    ("footprint") until ("stop")."""
     try:
         import ctranslate2
         import numpy as np
 
         from benchmarks.host import peak_rss_growth_mb
+        from gpt2.process_memory import process_memory
 
+        runtime = process_memory().rss  # this process's RSS before the model, imports done
+        start = time.perf_counter()
         generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type,
                                           intra_threads=threads, inter_threads=1)
+        load_s, after_load = time.perf_counter() - start, process_memory()
     except Exception as e:  # noqa: BLE001 - reported to the parent, which skips this engine with the reason
         conn.recv()
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -97,6 +103,9 @@ def serve(conn: Connection, model_dir: str, compute_type: str, threads: int, voc
                 value = generate(*args)
             elif kind == "logits":  # (B, T, V) fp32 at every position of equal-length prompts
                 value = np.asarray(generator.forward_batch(args[0]), dtype=np.float32)
+            elif kind == "footprint":  # as benchmarks.footprints reports transformers'
+                value = {"runtime_mb": runtime, "rss_after_load_mb": after_load.rss, "load_peak_mb": after_load.peak,
+                         "load_s": load_s}
             else:  # "memory"
                 value = peak_rss_growth_mb(lambda: generate(*args))
             conn.send(("ok", value))

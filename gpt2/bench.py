@@ -25,6 +25,7 @@ from .cpu.bf16_linear import bf16_packing_available, pack_bf16
 from .cpu.huge_pages import huge_page_copy, huge_page_weights
 from .cpu.int8_linear import quantize_int8
 from .cpu import small_batch_matmul
+from .memory import FOOTPRINT_HEADER, FOOTPRINT_NOTE, engine_footprints, footprint_rows
 from .model import GPT2
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, n) -> n new tokens per row
 
@@ -41,6 +42,9 @@ class Engine:
     # For an engine running in another process: the peak RSS growth of one generate there (MB), and shutdown.
     memory_mb: Callable[[list[list[int]], int], float] | None = None
     close: Callable[[], None] | None = None
+    # For an engine running in another process: that process's RSS before and after its load (runtime_mb,
+    # rss_after_load_mb, load_peak_mb, load_s), as `gpt2.memory` measures this engine's in a process of its own
+    footprint: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -359,21 +363,24 @@ def cuda_engines(model: GPT2) -> list[Engine]:
 def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 8), prompt_len: int = 32,
                 n_new: int = 16, repeats: int = 3, threads: int = 2, progress: bool = True,
                 device: str = "cpu") -> str:
-    """`gpt2 bench`: on the CPU this engine fp32, int8 and packed bf16 (where the CPU has native bf16); on CUDA fp16
-    and fp32 (`cuda_engines`); on seeded random weights, against the weight-streaming bound. The comparisons with
-    other engines are benchmarks/bench_generation.py's.
+    """`gpt2 bench`: on the CPU this engine fp32, int8 and bf16 (where the CPU has native bf16); on CUDA fp16
+    and fp32 (`cuda_engines`); on seeded random weights, against the weight-streaming bound. On the CPU also what
+    each engine's load costs in memory, each in a fresh process (`gpt2.memory`). The comparisons with other engines
+    are benchmarks/bench_generation.py's.
 
-    Returns the report (a markdown table and the weight-streaming bound per size).
+    Returns the report (markdown tables, the weight-streaming bound per size and the memory breakdowns).
     """
     on_gpu = device == "cuda"
     torch.set_num_threads(threads)
     sizes, batches = list(sizes), list(batches)
     n_engines = _engine_count(device)
-    bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1), desc="gpt2 bench",
+    footprint_steps = 0 if on_gpu else len(sizes) * n_engines  # one fresh process per engine and size
+    bar = tqdm(total=len(sizes) * len(batches) * n_engines * (2 * repeats + 1) + footprint_steps, desc="gpt2 bench",
                disable=not progress, leave=False)
     header = ["size", "batch", "engine", "prefill ms", "decode ms/step", "tokens/s", "x bound", "x sustained",
               "agreement"]
     rows: list[list[object]] = []
+    memory_rows: list[list[str]] = []
     where = torch.cuda.get_device_name() if on_gpu else f"{threads} threads, fp32 unless named"
     notes = [f"torch {torch.__version__}, {where}; prompt {prompt_len} tokens, {n_new} new greedy tokens, median of "
              f"{repeats} interleaved repeats; seeded random weights"]
@@ -411,13 +418,23 @@ def quick_bench(sizes: Iterable[str] = ("small",), batches: Iterable[int] = (1, 
                      f"{bound.read_ms:.3f} ms)"
                      + (f"; sustained: {bound.sustained_ms:.3f} ms, the median of the same samples' means over "
                         f"{n_new - 1} calls in a row" if bound.sustained_ms is not None else ""))
-        del probe, engines  # weight-sized matrices and models, before the next size allocates its own
+        del probe  # a weight-sized matrix, before the loads measured below
+        if not on_gpu:
+            footprints = engine_footprints(model, [engine.name for engine in engines], threads=threads,
+                                           batch=max(batches), prompt_len=prompt_len, new_tokens=n_new)
+            bar.update(len(footprints))
+            memory_rows += footprint_rows(size, footprints)
+            notes += [footprint.line(f"{size} {name}") for name, footprint in footprints.items()]
+        del engines  # models, before the next size allocates its own
     bar.close()
     notes.append(f"agreement: share of generated tokens matching {reference_name} before the first divergence; "
                  "x bound: batch-1 decode step / the weight-streaming bound sampled just before it, median over "
                  "the repeats; x sustained: the same over the sustained bound, as a decode of as many steps would get "
                  "it were each step that GEMV; other engines: benchmarks/bench_generation.py")
-    return format_table(header, rows) + "\n\n" + "\n".join(notes)
+    if memory_rows:
+        notes.append(f"memory: {FOOTPRINT_NOTE}, of batch {max(batches)}")
+    memory = "\n\n" + format_table(FOOTPRINT_HEADER, memory_rows) if memory_rows else ""
+    return format_table(header, rows) + memory + "\n\n" + "\n".join(notes)
 
 
 def _engine_count(device: str) -> int:
@@ -457,6 +474,8 @@ def quick_bench_seconds(sizes: Iterable[str] = ("small",), batches: Iterable[int
     for size in sizes:
         floats = decode_weight_floats(SIZES[size])
         total += machine.setup_s_per_gb * floats * 4 / 1e9
+        if device != "cuda":  # the memory of each engine's load, each in a fresh process (imports, load, generate)
+            total += n_engines * (machine.startup_s + machine.setup_s_per_gb * floats * 4 / 1e9)
         read_s = floats * 4 / machine.weight_bytes_per_s
         sample_s = (16 + n_new - 1) * read_s  # BoundProbe.sample: ~4 kernels x (warm-up + 3), then n_new - 1 calls
         for batch in batches:

@@ -74,6 +74,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="fused-op backend (default: triton on cuda, torch elsewhere)")
     p.add_argument("--quantize", choices=["int8"],
                    help="int8 linear layers, activations quantized on the fly (CPU, fp32 only)")
+    p.add_argument("--kv-dtype", choices=sorted(DTYPES),
+                   help="the KV cache's dtype (default: the model's; bf16 or fp16 halve an fp32 cache, CPU only)")
     p.add_argument("--packed-prefill", action="store_true",
                    help="bf16 / int8 on the CPU: keep a second, packed copy of the weights for faster prefills")
 
@@ -156,7 +158,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace, model: str, quantize: str | None = None) -> GPT2:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load(model, device=device, dtype=DTYPES[args.dtype], backend=args.backend, quantize=quantize,
-                packed_prefill=args.packed_prefill)
+                kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None, packed_prefill=args.packed_prefill)
 
 
 def _load_draft(args: argparse.Namespace) -> GPT2 | None:

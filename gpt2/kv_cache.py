@@ -180,7 +180,8 @@ class KVCache:
         return ForwardStep.build(self.lengths, n_new, chunk_len, self.n_positions, self.k.device, kv_span)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ForwardStep) -> None:
-        """Store this chunk's keys and values, k/v (B, H, T, D), at each row's slots."""
+        """Store this chunk's keys and values, k/v (B, H, T, D), at each row's slots (rounded to the cache's dtype)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if step.dense:
             start = step.q_start_host[0]
             self.k[layer, :, :, start:start + step.chunk_len] = k

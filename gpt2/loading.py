@@ -35,12 +35,15 @@ class ModelNotFoundError(CheckpointError):
 
 
 def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str | None = None, quantize: str | None = None, packed_prefill: bool = False) -> GPT2:
+         backend: str | None = None, quantize: str | None = None, kv_dtype: torch.dtype | None = None,
+         packed_prefill: bool = False) -> GPT2:
     """The model (eval mode, on device, in dtype) with its tokenizer set as `model.tokenizer`.
 
     quantize="int8": int8 linear layers on the CPU (`gpt2.cpu.int8_linear`), for an fp32 model.
     dtype=torch.bfloat16 on a CPU with native bf16 (avx512_bf16, AMX) runs the linear layers on this engine's bf16
     kernels and oneDNN (`gpt2.cpu.bf16_linear`): about 2x faster than fp32 per decode step and per prefill.
+    kv_dtype: the KV cache's dtype, by default the model's; torch.bfloat16 or torch.float16 halve an fp32 cache (CPU
+    only; the cache rounds each key and value, and a step through it runs torch's attention, not the C step).
     packed_prefill: with bf16 or int8 on the CPU, keep a second copy of each linear weight in oneDNN's (bf16) or
     fbgemm's (int8) packed layout, which prefills faster; without it each weight is held once
     (docs/performance.md#gpt2memorypy-what-a-loaded-model-costs).
@@ -52,10 +55,16 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
         raise ValueError(f"dtype {dtype} is not supported; choose torch.float16, torch.bfloat16 or torch.float32")
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATIONS}")
+    if kv_dtype is not None and kv_dtype not in _LOAD_DTYPES:
+        raise ValueError(f"kv_dtype {kv_dtype} is not supported; choose None (the model's dtype), torch.float32, "
+                         "torch.bfloat16 or torch.float16")
     if packed_prefill and quantize is None and dtype != torch.bfloat16:
         raise ValueError("packed_prefill=True applies to dtype=torch.bfloat16 or quantize='int8' on the CPU; "
                          f"this load is {dtype} without quantize")
     device = _check_device(device)
+    if kv_dtype not in (None, dtype) and device.type != "cpu":
+        raise ValueError(f"kv_dtype={kv_dtype} differs from dtype={dtype}, which only the CPU runs; on {device} "
+                         "leave kv_dtype=None")
     # a backend or quantization that cannot run fails here, before the weights are read, not mid-generation
     backend_name = select_backend(backend, device).name
     if quantize == "int8" and (reason := why_not_quantizable(device, dtype, backend_name)) is not None:
@@ -78,6 +87,7 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
         quantize_lm_head(model, packed_prefill)
     elif why_not_packable(model) is None:  # bf16 on a CPU with native bf16, torch backend
         pack_bf16(model, packed_prefill)
+    model.kv_dtype = kv_dtype
     model.tokenizer = tokenizer_for(path)
     trim_allocator()  # the load's freed staging memory back to the system
     if device.type == "cpu":

@@ -11,7 +11,9 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,12 +21,13 @@ import torch
 
 from .checkpoint import WEIGHTS_FILES
 from .config import GPT2Config
-from .convert import DTYPES
+from .convert import DTYPES, write_engine_dir
 from .cpu.bf16_linear import PackedLinear
 from .cpu.int8_linear import Int8Linear
 from .loading import load
 from .model import GPT2
 from .process_memory import MB, ProcessMemory, mapped_file_mb, process_memory, reset_peak, trim_allocator
+from .tokenizer import Tokenizer
 
 
 def weights_mb(config: GPT2Config, dtype: torch.dtype = torch.float32, quantize: str | None = None) -> float:
@@ -113,17 +116,19 @@ class LoadFootprint:
 
 
 def load_footprint(path: str | Path, *, dtype: torch.dtype = torch.float32, quantize: str | None = None,
-                   packed_prefill: bool = False, threads: int = 2,
+                   packed_prefill: bool = False, kv_dtype: torch.dtype | None = None, threads: int = 2,
                    batch: int = 1, prompt_len: int = 32, new_tokens: int = 32) -> LoadFootprint:
-    """`gpt2.load(path, dtype=..., quantize=..., packed_prefill=...)` and then a generate (batch
+    """`gpt2.load(path, dtype=..., quantize=..., packed_prefill=..., kv_dtype=...)` and then a generate (batch
     prompts of prompt_len tokens, new_tokens greedy ones each) in a fresh Python process, measured there; raises
     RuntimeError with its stderr if it fails."""
     names = {value: key for key, value in DTYPES.items()}
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype} is not supported; choose one of {', '.join(map(str, names))}")
+    for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype)):
+        if value is not None and value not in names:
+            raise ValueError(f"{name} {value} is not supported; choose one of {', '.join(map(str, names))}")
     command = [sys.executable, "-m", "gpt2.memory", str(path), "--dtype", names[dtype], "--threads", str(threads),
                "--batch", str(batch), "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens)]
     command += ["--quantize", quantize] if quantize is not None else []
+    command += ["--kv-dtype", names[kv_dtype]] if kv_dtype is not None else []
     command += ["--packed-prefill"] if packed_prefill else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -131,6 +136,36 @@ def load_footprint(path: str | Path, *, dtype: torch.dtype = torch.float32, quan
     fields = json.loads(done.stdout.strip().splitlines()[-1])
     return LoadFootprint(**{**fields, "after_load": ProcessMemory(**fields["after_load"]),
                             "after_generate": ProcessMemory(**fields["after_generate"])})
+
+
+# How `gpt2 bench` and benchmarks/bench_generation.py load each of this engine's CPU engines, by name
+ENGINE_LOADS: dict[str, dict[str, object]] = {"this engine": {}, "this engine int8": {"quantize": "int8"},
+                                              "this engine bf16": {"dtype": torch.bfloat16}}
+
+
+def engine_footprints(model: GPT2, names: Iterable[str], **measure: int) -> dict[str, LoadFootprint]:
+    """`load_footprint` of each named engine (`ENGINE_LOADS`) loading model's weights, written once to a temporary
+    engine directory; measure: load_footprint's threads, batch, prompt_len, new_tokens."""
+    with tempfile.TemporaryDirectory(prefix="gpt2-memory-") as tmp:
+        state_dict = {name: value.detach().contiguous() for name, value in model.state_dict().items()}
+        write_engine_dir(Path(tmp), model.config, state_dict, Tokenizer.default())
+        del state_dict
+        return {name: load_footprint(tmp, **ENGINE_LOADS[name], **measure) for name in names}
+
+
+def footprint_rows(size: str, footprints: dict[str, LoadFootprint]) -> list[list[str]]:
+    """Table rows (`FOOTPRINT_HEADER`) for one model size."""
+    return [[size, name, f"{f.weights_mb:.0f}", f"{f.runtime_mb:.0f}", f"{f.after_load.rss:.0f}",
+             f"{f.rss_over_weights:.2f}", f"{f.after_load.peak:.0f}", f"{f.generate_growth_mb:.0f}", f"{f.load_s:.1f}"]
+            for name, f in footprints.items()]
+
+
+FOOTPRINT_HEADER = ["size", "engine", "weights MB", "runtime MB", "RSS after load MB", "x weights", "load peak MB",
+                    "generate growth MB", "load s"]
+FOOTPRINT_NOTE = ("whole-process RSS after gpt2.load in a fresh process; runtime: its RSS after `import torch, gpt2`, "
+                  "before the load; x weights: (RSS - runtime) / the weights in the chosen format; load peak: the "
+                  "process's peak RSS by the end of the load; generate growth: the peak during a generate after it, "
+                  "above the RSS before it (KV cache, activations)")
 
 
 def _weights_file(path: Path) -> Path:
@@ -145,7 +180,8 @@ def _measure(args: argparse.Namespace) -> LoadFootprint:
     runtime = process_memory().rss
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
-    model = load(args.model, dtype=dtype, quantize=args.quantize, packed_prefill=args.packed_prefill)
+    model = load(args.model, dtype=dtype, quantize=args.quantize, packed_prefill=args.packed_prefill,
+                 kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     load_s = time.perf_counter() - start
     after_load = process_memory()
     tensors = tensor_breakdown(model)
@@ -170,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--quantize", choices=["int8"])
     p.add_argument("--packed-prefill", action="store_true")
+    p.add_argument("--kv-dtype", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)

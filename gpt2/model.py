@@ -43,7 +43,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.keys_values(self.layer, step)  # each (B, nh, S, hs)
         if last_token_only:
             q, step = step.last_new_token(q, 2), step.last_tokens  # q (B, nh, 1, hs)
-        y = backend.attention(q, k, v, step)  # (B, nh, T or 1, hs)
+        if k.dtype == q.dtype:
+            y = backend.attention(q, k, v, step)  # (B, nh, T or 1, hs)
+        else:  # a cache in another dtype (`gpt2.load(..., kv_dtype=...)`): attention reads it as it is, in its dtype
+            y = backend.attention(q.to(k.dtype), k, v, step).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)
         return backend.linear(y, self.c_proj)
 
@@ -95,6 +98,7 @@ def _embedding(rows: int, width: int) -> nn.Embedding:
 
 class GPT2(nn.Module):
     tokenizer: Tokenizer
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the model's (`gpt2.load(..., kv_dtype=...)`)
 
     def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
         super().__init__()
@@ -201,7 +205,8 @@ class GPT2(nn.Module):
         return self.backend.linear(hidden, self.wte if self.lm_head is None else self.lm_head)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
+        """An empty KV cache for batch_size rows of up to max_len tokens, in `kv_dtype` or the model's dtype."""
+        return KVCache(self.config, batch_size, max_len, self.device, self.kv_dtype or self.dtype)
 
     def generate(self, prompts: list[list[int]] | torch.Tensor, **kwargs: Any) -> list[list[int]] | GenerateOutput:
         """New tokens for each prompt (or a `GenerateOutput` with return_dict=True); see `gpt2.generation.generate`."""

@@ -53,6 +53,12 @@ def test_bench_generation_smoke(tmp_path):
     assert "| this engine " in (tmp_path / "README-table.md").read_text()
     assert "Machine: " in (tmp_path / "generation.md").read_text()
     assert "| this engine " in run.stdout and "weight-streaming bound" in run.stdout
+    loads = tiny["footprints"]  # each engine's load, in a process of its own
+    assert set(loads) == {"this engine", "transformers"}
+    for f in loads.values():
+        assert f["load_peak_mb"] >= f["rss_after_load_mb"] > f["runtime_mb"] > 0
+    assert sum(loads["this engine"]["breakdown"].values()) == pytest.approx(loads["this engine"]["rss_after_load_mb"])
+    assert "Memory of each engine's load" in (tmp_path / "generation.md").read_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="the serve extra is not installed")
