@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
             runs[server.name] = [level.summary() for level in levels]
+            (args.out / "serve.json").write_text(json.dumps(results, indent=1))  # so far: a run cut short keeps it
             for summary in runs[server.name]:
                 print(f"{size} {server.name} x{summary['clients']}: {summary['tokens_per_s']:.1f} tok/s, TTFT p50 "
                       f"{fmt(summary['ttft_p50_ms'])} ms, per token p50 {fmt(summary['token_p50_ms'])} / p99 "
