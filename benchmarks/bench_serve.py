@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
             runs[server.name] = [level.summary() for level in levels]
+            (args.out / "serve.json").write_text(json.dumps(results, indent=1))  # so far: a run cut short keeps it
             for summary in runs[server.name]:
                 print(f"{size} {server.name} x{summary['clients']}: {summary['tokens_per_s']:.1f} tok/s, TTFT p50 "
                       f"{fmt(summary['ttft_p50_ms'])} ms, per token p50 {fmt(summary['token_p50_ms'])} / p99 "
@@ -362,12 +363,13 @@ def report(results: dict) -> str:
     lines += [f"Failed: {failure}" for failure in results.get("failures", [])] + [""] * bool(results.get("failures"))
     for size, runs in results["sizes"].items():
         lines += [f"### {size}", "", "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | "
-                  "per-token p99 ms | requests done | other load (cores) |", "| --- " * 9 + "|"]
+                  "per-token p99 ms | requests done | cores: server / others |", "| --- " * 9 + "|"]
         for name, levels in runs.items():
             for s in levels:
                 lines.append(f"| {name} | {s['clients']} | {s['tokens_per_s']:.1f} | {fmt(s['ttft_p50_ms'])} | "
                              f"{fmt(s['ttft_p99_ms'])} | {fmt(s['token_p50_ms'])} | {fmt(s['token_p99_ms'])} | "
-                             f"{s['requests_done']} | {s['other_cores']:.2f} |")
+                             f"{s['requests_done']} | {s.get('server_cores', float('nan')):.2f} / "
+                             f"{s['other_cores']:.2f} |")
         lines += [""] + goals(runs) + [""]
     return "\n".join(lines)
 
