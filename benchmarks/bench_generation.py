@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 intra-op threads")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip transformers + torch.compile")
     p.add_argument("--no-ctranslate2", dest="ctranslate2", action="store_false")
+    p.add_argument("--packed-prefill", action="store_true",
+                   help="also time int8 and bf16 loaded with packed_prefill=True (a second, packed copy of each weight)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny config, 3 tokens, one repeat, this engine + transformers sdpa only (CI)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
@@ -153,7 +155,7 @@ def run_size(size: str, args: argparse.Namespace, bar: tqdm, notes: list[str]) -
     config: GPT2Config = SIZES[size]
     hf_model, model = reference_pair(config)
     result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head}}
-    low_precision = low_precision_engines(model)
+    low_precision = low_precision_engines(model, packed_prefill_too=args.packed_prefill)
     engines = [this_engine(model), transformers_engine(hf_model, "sdpa")]
     if not args.smoke:
         engines[1:1] = [*low_precision, transformers_engine(hf_model, "eager")]

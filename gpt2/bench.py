@@ -153,11 +153,15 @@ def this_engine(model: GPT2, name: str = "this engine") -> Engine:
 BF16_SKIPPED = "this engine bf16 skipped: oneDNN has no native bf16 on this CPU (avx512_bf16 or AMX)"
 
 
-def low_precision_engines(model: GPT2) -> list[Engine]:
-    """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively (else BF16_SKIPPED)."""
-    engines = [this_engine(quantize_int8(copy.deepcopy(model)), "this engine int8")]
+def low_precision_engines(model: GPT2, packed_prefill_too: bool = False) -> list[Engine]:
+    """This engine's int8 model, and its packed bf16 one where the CPU runs bf16 natively (else BF16_SKIPPED); with
+    packed_prefill_too, each also loaded with `packed_prefill=True` ("... packed"), to measure what that copy buys."""
+    variants = [False, True] if packed_prefill_too else [False]
+    engines = [this_engine(quantize_int8(copy.deepcopy(model), packed), "this engine int8" + " packed" * packed)
+               for packed in variants]
     if bf16_packing_available():
-        engines.append(this_engine(pack_bf16(copy.deepcopy(model).to(torch.bfloat16)), "this engine bf16"))
+        engines += [this_engine(pack_bf16(copy.deepcopy(model).to(torch.bfloat16), packed),
+                                "this engine bf16" + " packed" * packed) for packed in variants]
     return engines
 
 

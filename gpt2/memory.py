@@ -139,8 +139,10 @@ def load_footprint(path: str | Path, *, dtype: torch.dtype = torch.float32, quan
 
 
 # How `gpt2 bench` and benchmarks/bench_generation.py load each of this engine's CPU engines, by name
-ENGINE_LOADS: dict[str, dict[str, object]] = {"this engine": {}, "this engine int8": {"quantize": "int8"},
-                                              "this engine bf16": {"dtype": torch.bfloat16}}
+ENGINE_LOADS: dict[str, dict[str, object]] = {
+    "this engine": {}, "this engine int8": {"quantize": "int8"}, "this engine bf16": {"dtype": torch.bfloat16},
+    "this engine int8 packed": {"quantize": "int8", "packed_prefill": True},
+    "this engine bf16 packed": {"dtype": torch.bfloat16, "packed_prefill": True}}
 
 
 def engine_footprints(model: GPT2, names: Iterable[str], **measure: int) -> dict[str, LoadFootprint]:
