@@ -21,8 +21,8 @@ where the kernels are built. Each call appends one token to every row.
 The fp32 and int8 steps also run over a bf16 or fp16 cache (`gpt2.load(..., kv_dtype=...)`; fp16 where the CPU
 converts it, `build.f16_cache_available`): each new key and value is rounded to the cache's dtype as it is written and
 every one widened to fp32 as attention reads it, as the model's forward does with such a cache. At long context the
-cache is what a step reads besides the weights, so a cache of half the bytes makes those steps faster, where the
-forward's torch ops would make every step slower.
+cache is what a step reads besides the weights, so the step over a cache of half the bytes streams less, where the
+forward's torch ops would make every step slower (docs/performance.md#gpt2cpudecode_steppy-a-bf16-or-fp16-kv-cache).
 
 Measured: docs/performance.md#gpt2cpudecode_steppy-the-whole-step-in-one-c-call
 """
