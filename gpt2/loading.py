@@ -42,8 +42,12 @@ def load(path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: 
     quantize="int8": int8 linear layers on the CPU (`gpt2.cpu.int8_linear`), for an fp32 model.
     dtype=torch.bfloat16 on a CPU with native bf16 (avx512_bf16, AMX) runs the linear layers on this engine's bf16
     kernels and oneDNN (`gpt2.cpu.bf16_linear`): about 2x faster than fp32 per decode step and per prefill.
-    kv_dtype: the KV cache's dtype, by default the model's; torch.bfloat16 or torch.float16 halve an fp32 cache (CPU
-    only; the cache rounds each key and value, and a step through it runs torch's attention, not the C step).
+    kv_dtype: the KV cache's dtype, by default the model's; torch.bfloat16 or torch.float16 halve an fp32 or int8
+    model's cache (CPU only). Each key and value is rounded to it as it is written, and attention reads them widened
+    to fp32. A generation's decode steps of 1-16 rows still run in one C call (`gpt2.cpu.decode_step`; fp16 where the
+    CPU converts it: AVX-512, or AVX2 with F16C), reading half the bytes of an fp32 cache, which at long context is
+    what a step reads besides the weights; prefills, `model(...)` and a bf16 model over another cache dtype run
+    torch's ops.
     packed_prefill: with bf16 or int8 on the CPU, keep a second copy of each linear weight in oneDNN's (bf16) or
     fbgemm's (int8) packed layout, which prefills faster; without it each weight is held once
     (docs/performance.md#gpt2memorypy-what-a-loaded-model-costs).

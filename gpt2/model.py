@@ -45,8 +45,9 @@ class CausalSelfAttention(nn.Module):
             q, step = step.last_new_token(q, 2), step.last_tokens  # q (B, nh, 1, hs)
         if k.dtype == q.dtype:
             y = backend.attention(q, k, v, step)  # (B, nh, T or 1, hs)
-        else:  # a cache in another dtype (`gpt2.load(..., kv_dtype=...)`): attention reads it as it is, in its dtype
-            y = backend.attention(q.to(k.dtype), k, v, step).to(q.dtype)
+        else:  # a cache in another dtype (`gpt2.load(..., kv_dtype=...)`): its keys and values, rounded to it when
+            # written, are widened to fp32 and attended in fp32, as the CPU's C decode steps read such a cache
+            y = backend.attention(q.float(), k.float(), v.float(), step).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)
         return backend.linear(y, self.c_proj)
 

@@ -279,3 +279,30 @@ def test_bench_decoding_smoke(tmp_path):
         assert [run["batch"] for run in pair["runs"]] == [1, 2]
         assert all(run["identical_to_target"] and 0.0 <= run["acceptance"] <= 1.0 for run in pair["runs"])
     assert "acceptance is the number to watch" in (tmp_path / "decoding.md").read_text()
+
+
+def test_bench_kv_cache_smoke(tmp_path):
+    """Each cache dtype's decode steps, memory and logit error on the tiny shape, in seconds; where the C kernels are
+    built every cache dtype they take runs on the C step, not the forward."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kv_cache", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [path] = tmp_path.glob("kv-cache-*.json")
+    tiny = json.loads(path.read_text())["sizes"]["tiny"]
+    assert tiny["cache_mb"] == {"fp32": 16.0, "bf16": 8.0, "fp16": 8.0}  # k and v, 2 layers, 16 x 1024 x 64
+    runs = tiny["models"]["fp32"]["runs"]
+    assert [(r["batch"], r["prompt_len"]) for r in runs] == [(1, 8), (1, 24), (2, 8), (2, 24)]
+    c_step = {"fp32": build.library() is not None, "bf16": build.library() is not None,
+              "fp16": build.f16_cache_available()}
+    for r in runs:
+        for name, cache in r["caches"].items():
+            assert cache["step_ms"] > 0 and [len(repeat) for repeat in cache["step_ms_samples"]] == [3]
+            assert cache["step"] == ("C step" if c_step[name] else "forward")
+        assert r["caches"]["fp32"]["error_vs_fp32_cache"] is None
+        assert 0 < r["caches"]["bf16"]["error_vs_fp32_cache"]["rel_rms"] < 1e-2
+        assert 0 < r["caches"]["fp16"]["error_vs_fp32_cache"]["rel_rms"] < 1e-3
+    if build.int8_available():
+        for r in tiny["models"]["int8"]["runs"]:
+            assert all(cache["error_vs_fp32_model"]["rel_rms"] < 0.05 for cache in r["caches"].values())
+    markdown = path.with_suffix(".md").read_text()
+    assert "Machine: " in markdown and "Random weights" in markdown and "| fp32 cache MB |" in markdown

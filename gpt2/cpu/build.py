@@ -9,7 +9,7 @@ the CPU has it, else AVX2 with FMA (`-mavx2 -mfma`). Without either, or with GPT
 torch's ops; so it does, with a one-line warning, where the kernels cannot be built or loaded. `unavailable_reason()`
 says why. The kernels: `small_batch_matmul` (fp32 matmuls of 1-16 rows), `prefill_matmul` (of more rows),
 `attention` (causal attention over the KV cache), `decode_blocks` (a decode step's blocks in one call) and
-`decode_step` (a whole decode step, fp32, bf16 or int8, in one call).
+`decode_step` (a whole decode step, fp32, bf16 or int8, in one call; fp32 and int8 also over a bf16 or fp16 cache).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from ..paths import engine_cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
-ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}  # by `instruction_set()`
+# By `instruction_set()`. The AVX2 build's fp16 KV cache converts with F16C (csrc/kv_f16.h), which only those functions
+# use and which runs only where the CPU has it (`f16_cache_available`); AVX-512F has conversions of its own.
+ISA_FLAGS = {"AVX-512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 # Block shapes measured faster on a CPU than csrc/small_batch_loop.h's and small_batch_matmul_int8.c's defaults, by
 # `cpu_kind()`: AMD's family 26 is Zen 5 (8 W rows a block for one input row, where Zen 4 and an Intel Xeon measured
 # one fastest: docs/performance.md#csrcsmall_batch_looph-the-block-shapes-shape_1--shape_many-defaults-on-four-cpus).
@@ -69,6 +71,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_step_bf16.restype = ctypes.c_int
     lib.decode_step_int8.argtypes = lib.decode_step_f32.argtypes
     lib.decode_step_int8.restype = ctypes.c_int
+    for cache in ("kv_bf16", "kv_f16"):  # the fp32 and int8 steps over a bf16 or fp16 KV cache
+        for step in (getattr(lib, f"decode_step_f32_{cache}"), getattr(lib, f"decode_step_int8_{cache}")):
+            step.argtypes = lib.decode_step_f32.argtypes
+            step.restype = ctypes.c_int
     lib.small_batch_matmul_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.small_batch_matmul_int8.restype = ctypes.c_int
     lib.attention_f32.argtypes = [ctypes.c_void_p, AttentionStrides, ctypes.c_void_p, ctypes.c_void_p,
@@ -250,6 +256,13 @@ def int8_available() -> bool:
     """The int8 kernels (`csrc/small_batch_matmul_int8.c`, `csrc/decode_step_int8.c`) can run: the AVX-512 build is
     loaded and the CPU has avx512_vnni, which only their functions are compiled for."""
     return library() is not None and instruction_set() == "AVX-512" and "avx512_vnni" in cpu_flags()
+
+
+def f16_cache_available() -> bool:
+    """The decode steps over an fp16 KV cache (`csrc/decode_step_*_kv_f16.c`) can run: the kernels are built and
+    their fp16 conversions are the CPU's, AVX-512F's or, in the AVX2 build, F16C's (every AVX2 CPU has it; a CPU whose
+    flags cannot be read is not assumed to). The bf16 cache's conversions are plain integer instructions of both."""
+    return library() is not None and (instruction_set() == "AVX-512" or "f16c" in cpu_flags())
 
 
 def compile_seconds() -> float:

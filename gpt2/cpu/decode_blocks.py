@@ -119,14 +119,16 @@ def _weights_plan(model: GPT2) -> Plan | None:
     return plan
 
 
-def takes_cache(config: GPT2Config, cache: KVCache, dtype: torch.dtype) -> bool:
-    """What the C decode steps take (this module's and `gpt2.cpu.decode_step`'s): a contiguous cache of dtype in
-    config's shape, of 1-16 rows, n_embd in whole 64-byte vectors of dtype, head_dim a multiple of 16 up to 256."""
+def takes_cache(config: GPT2Config, cache: KVCache, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> bool:
+    """What the C decode steps of a model of dtype take (this module's and `gpt2.cpu.decode_step`'s): a contiguous cache
+    of cache_dtype (by default dtype) in config's shape, of 1-16 rows, n_embd in whole 64-byte vectors of dtype,
+    head_dim a multiple of 16 up to 256."""
     shape = (config.n_layer, cache.batch_size, config.n_head, cache.max_len, config.head_dim)
+    cache_dtype = cache_dtype or dtype
     return (1 <= cache.batch_size <= MAX_ROWS
             and config.n_embd * dtype.itemsize % small_batch_matmul.VECTOR_BYTES == 0
             and config.head_dim % ELEMENTS_MULTIPLE == 0 and config.head_dim <= MAX_HEAD_DIM
-            and all(t.shape == shape and t.dtype == dtype and t.is_contiguous() for t in (cache.k, cache.v)))
+            and all(t.shape == shape and t.dtype == cache_dtype and t.is_contiguous() for t in (cache.k, cache.v)))
 
 
 def plan_for(model: GPT2, x: torch.Tensor, step: ForwardStep, cache: KVCache | None) -> Plan | None:

@@ -18,6 +18,12 @@ It applies on the torch backend to fp32 or bf16 models whose block linears have 
 the model's dtype, n_embd a multiple of 16 (32 in bf16) and head_dim a multiple of 16 up to 256, outside autograd,
 where the kernels are built. Each call appends one token to every row.
 
+The fp32 and int8 steps also run over a bf16 or fp16 cache (`gpt2.load(..., kv_dtype=...)`; fp16 where the CPU
+converts it, `build.f16_cache_available`): each new key and value is rounded to the cache's dtype as it is written and
+every one widened to fp32 as attention reads it, as the model's forward does with such a cache. At long context the
+cache is what a step reads besides the weights, so the step over a cache of half the bytes streams less, where the
+forward's torch ops would make every step slower (docs/performance.md#gpt2cpudecode_steppy-a-bf16-or-fp16-kv-cache).
+
 Measured: docs/performance.md#gpt2cpudecode_steppy-the-whole-step-in-one-c-call
 """
 
@@ -38,6 +44,11 @@ if TYPE_CHECKING:
     from ..model import GPT2
 
 LM_HEAD_BIAS = 5  # the lm_head's bias in a step's tensors (see `_plan`), the one that may be None; the blocks' follow
+# The C step of each kind of model over each dtype of KV cache: its function in the kernels (csrc/decode_step_*.c).
+KERNELS = {("fp32", torch.float32): "decode_step_f32", ("fp32", torch.bfloat16): "decode_step_f32_kv_bf16",
+           ("fp32", torch.float16): "decode_step_f32_kv_f16", ("bf16", torch.bfloat16): "decode_step_bf16",
+           ("int8", torch.float32): "decode_step_int8", ("int8", torch.bfloat16): "decode_step_int8_kv_bf16",
+           ("int8", torch.float16): "decode_step_int8_kv_f16"}
 
 
 class ModelWeights(ctypes.Structure):
@@ -67,9 +78,19 @@ def int8_tensors(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return linear.step_weight, linear.step_rows
 
 
-def _plan(model: GPT2) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set[torch.dtype]] | None:
-    """The C step for this model where one runs here, its tensors (wte, wpe, the first ln_1's weight and bias, the
-    lm_head's weight and bias, then the blocks' in `decode_blocks.BlockWeights` order) and the dtypes they may have."""
+def _kernel(kind: str, cache_dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The C step of a model of kind ("fp32", "bf16", "int8") over a cache of cache_dtype, None for none here."""
+    name = KERNELS.get((kind, cache_dtype))
+    if name is None or (cache_dtype == torch.float16 and not build.f16_cache_available()):
+        return None
+    return getattr(build.library(), name)
+
+
+def _plan(model: GPT2, cache_dtype: torch.dtype
+          ) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set[torch.dtype]] | None:
+    """The C step for this model over a cache of cache_dtype where one runs here, its tensors (wte, wpe, the first
+    ln_1's weight and bias, the lm_head's weight and bias, then the blocks' in `decode_blocks.BlockWeights` order) and
+    the dtypes they may have."""
     first = model.h[0].ln_1
     head = [model.wte.weight, model.wpe.weight, first.weight, first.bias]
     dtype = model.dtype
@@ -78,15 +99,18 @@ def _plan(model: GPT2) -> tuple[ctypes._CFuncPtr, list[torch.Tensor | None], set
         if (not build.int8_available() or model.config.n_embd % small_batch_matmul.VECTOR_BYTES  # of int8
                 or lm_head is None or blocks is None):
             return None
-        return build.library().decode_step_int8, [*head, *lm_head, *blocks], {torch.float32, torch.int8}
+        kernel = _kernel("int8", cache_dtype)
+        return None if kernel is None else (kernel, [*head, *lm_head, *blocks], {torch.float32, torch.int8})
     if dtype == torch.float32 and build.library() is not None:
-        kernel = build.library().decode_step_f32
+        kernel = _kernel("fp32", cache_dtype)
     elif dtype == torch.bfloat16 and build.bf16_available():
-        kernel = build.library().decode_step_bf16
+        kernel = _kernel("bf16", cache_dtype)
     else:
         return None
     blocks = decode_blocks.block_tensors(model)
-    return None if blocks is None else (kernel, [*head, lm_head_weight(model), None, *blocks], {dtype})
+    if kernel is None or blocks is None:
+        return None
+    return kernel, [*head, lm_head_weight(model), None, *blocks], {dtype}
 
 
 class CpuDecodeStep:
@@ -118,10 +142,11 @@ class CpuDecodeStep:
     @classmethod
     def build(cls, model: GPT2, cache: KVCache) -> CpuDecodeStep | None:
         """The C decode step over cache, or None where it does not apply (see the module docstring)."""
-        dtype = model.dtype
-        if not isinstance(model.backend, CpuBackend) or not decode_blocks.takes_cache(model.config, cache, dtype):
+        dtype, cache_dtype = model.dtype, cache.k.dtype
+        if (not isinstance(model.backend, CpuBackend)
+                or not decode_blocks.takes_cache(model.config, cache, dtype, cache_dtype)):
             return None
-        plan = _plan(model)
+        plan = _plan(model, cache_dtype)
         if plan is None:
             return None
         kernel, tensors, dtypes = plan

@@ -5,6 +5,8 @@
  *   ELEM, load_elem, store_elem, ELEM_TARGET and attention.h's rounding: the element type (elem_f32.h, or bf16) of
  *     the embeddings, the LayerNorms' parameters, the matmuls' inputs and outputs, the KV cache and the logits;
  *     store_elem rounds LayerNorm's and attention's fp32 outputs for the next matmul
+ *   optionally, by including kv_bf16.h or kv_f16.h, a KV cache of another type (kv_elem.h), into which each new key
+ *     and value is rounded and which attention.h reads widened to fp32
  *   STEP_BLOCK_WEIGHTS, STEP_MODEL_WEIGHTS: its weight tables (decode_weights.h)
  *   matmul(W, b, X, Y, m, rows, cols, gelu): its linears' Y = X W^T + b (small_batch_matmul.h); 0 or an error status
  *
@@ -20,6 +22,7 @@
 
 #include "attention.h"
 #include "decode_weights.h"
+#include "kv_elem.h"
 #include "simd.h"
 #include "small_batch_matmul.h"
 
@@ -63,18 +66,18 @@ static inline ELEM_TARGET void embed(const ELEM *wte, const ELEM *wpe, const ELE
     }
 }
 
-/* Writes row b's new key and value (qkv's k and v parts) at slot[b] of this layer's cache k, v (B, H, max_len, D)
- * where the row adds a token (kv_len > slot), then out (B, H, D) = attention of each head's query over the row's keys
- * [0, min(slot + 1, kv_len)). qkv (B, 3, H, D). Returns 0, or -2 when out of memory. */
-static inline ELEM_TARGET int cached_attention(const ELEM *qkv, ELEM *k, ELEM *v, const int *slot, const int *kv_len,
-                                               ELEM *out, long B, long H, long D, long max_len) {
+/* Writes row b's new key and value (qkv's k and v parts, rounded to CACHE_ELEM) at slot[b] of this layer's cache k, v
+ * (B, H, max_len, D) where the row adds a token (kv_len > slot), then out (B, H, D) = attention of each head's query
+ * over the row's keys [0, min(slot + 1, kv_len)). qkv (B, 3, H, D). Returns 0, or -2 when out of memory. */
+static inline ELEM_TARGET int cached_attention(const ELEM *qkv, CACHE_ELEM *k, CACHE_ELEM *v, const int *slot,
+                                               const int *kv_len, ELEM *out, long B, long H, long D, long max_len) {
     const long C = H * D;
     for (long b = 0; b < B; b++) {
         if (kv_len[b] <= slot[b]) continue;
         for (long h = 0; h < H; h++) {
             const long at = ((b * H + h) * max_len + slot[b]) * D;
-            memcpy(k + at, qkv + b * 3 * C + C + h * D, sizeof(ELEM) * D);
-            memcpy(v + at, qkv + b * 3 * C + 2 * C + h * D, sizeof(ELEM) * D);
+            write_cache(k + at, qkv + b * 3 * C + C + h * D, D);
+            write_cache(v + at, qkv + b * 3 * C + 2 * C + h * D, D);
         }
     }
     const attention_strides q_strides = {3 * C, D, 0}, kv_strides = {H * max_len * D, max_len * D, D},
@@ -86,7 +89,7 @@ static inline ELEM_TARGET int cached_attention(const ELEM *qkv, ELEM *k, ELEM *v
  * block, and ln_f of it. k_cache, v_cache (n_layer, B, H, max_len, D); slot, kv_len (B,): see cached_attention.
  * Returns 0, or the first error status (-2: out of memory), which leaves h and n part-way. */
 static inline ELEM_TARGET int decode_layers(const STEP_BLOCK_WEIGHTS *blocks, long n_layer, float *h, ELEM *n, long B,
-                                            long C, long H, ELEM *k_cache, ELEM *v_cache, long max_len,
+                                            long C, long H, CACHE_ELEM *k_cache, CACHE_ELEM *v_cache, long max_len,
                                             const int *slot, const int *kv_len, float eps) {
     const long D = C / H;
     ELEM *qkv = malloc(sizeof(ELEM) * B * 9 * C); /* qkv (B, 3C), then attention and projection (B, C), fc (B, 4C) */
@@ -114,8 +117,9 @@ static inline ELEM_TARGET int decode_layers(const STEP_BLOCK_WEIGHTS *blocks, lo
 /* One decode step of B rows, token ids to logits (B, vocab): h = wte[tokens[b]] + wpe[slot[b]], n = ln_1(h), every
  * block (each row's new key and value written at slot[b], its query attending keys [0, slot[b]]), then logits =
  * ln_f(h) lm_head^T (+ its bias, where it has one). Returns 0, or the first error status (-2: out of memory). */
-static inline ELEM_TARGET int decode_step(const STEP_MODEL_WEIGHTS *m, const long *tokens, long B, ELEM *k_cache,
-                                          ELEM *v_cache, long max_len, const int *slot, ELEM *logits) {
+static inline ELEM_TARGET int decode_step(const STEP_MODEL_WEIGHTS *m, const long *tokens, long B,
+                                          CACHE_ELEM *k_cache, CACHE_ELEM *v_cache, long max_len, const int *slot,
+                                          ELEM *logits) {
     const long C = m->C;
     float *h = malloc(sizeof(float) * B * C);
     ELEM *n = malloc(sizeof(ELEM) * B * C);

@@ -32,4 +32,4 @@ static inline BF16_TARGET int matmul(const uint16_t *W, const uint16_t *b, const
 
 /* One decode step of B rows of a bf16 model, token ids to logits (B, vocab), as decode_step_f32, its n_embd a
  * multiple of 32; -1 in a build without AVX-512 (see DECODE_STEP_ENTRY). */
-DECODE_STEP_ENTRY(decode_step_bf16, decode_step, model_weights_bf16, uint16_t, 32)
+DECODE_STEP_ENTRY(decode_step_bf16, decode_step, model_weights_bf16, uint16_t, uint16_t, 32)

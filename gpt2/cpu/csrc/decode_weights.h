@@ -1,7 +1,8 @@
 /* The weight tables of the decode-step kernels (decode_blocks_f32.c and decode_step_f32.c in fp32, decode_step_bf16.c
- * in bf16, decode_step_int8.c with int8 linears), laid out as gpt2/cpu/decode_blocks.py's BlockWeights and
- * gpt2/cpu/decode_step.py's ModelWeights: each weight row-major as in nn.Linear ([out, in]) and nn.LayerNorm; and the
- * check of a step's inputs that they all make, with the exported entry of the steps written for AVX-512. */
+ * in bf16, decode_step_int8.c with int8 linears, and decode_step_*_kv_*.c, the fp32 and int8 steps over a bf16 or
+ * fp16 KV cache), laid out as gpt2/cpu/decode_blocks.py's BlockWeights and gpt2/cpu/decode_step.py's ModelWeights:
+ * each weight row-major as in nn.Linear ([out, in]) and nn.LayerNorm; and the check of a step's inputs that they all
+ * make, with the exported entry of the steps written for AVX-512. */
 #pragma once
 #include <stdint.h>
 
@@ -67,11 +68,11 @@ static inline int step_refusal(long C, long H, long c_multiple, const long *toke
 
 /* Defines NAME(m, tokens, B, k_cache, v_cache, max_len, slot, logits), the exported step of a kernel written for
  * AVX-512 (STEP: a static function of the same arguments, defined in AVX-512 builds only), of a model (MODEL) whose
- * cache and logits are T and whose n_embd is a multiple of C_MULTIPLE: it returns step_refusal's status for what STEP
- * does not take (nothing done), else STEP's; -1 in a build without AVX-512 (nothing done). */
-#define DECODE_STEP_ENTRY(NAME, STEP, MODEL, T, C_MULTIPLE)                                                    \
-    int NAME(const MODEL *m, const long *tokens, long B, T *k_cache, T *v_cache, long max_len, const int *slot, \
-             T *logits) {                                                                                      \
+ * logits are T, whose KV cache is CACHE_T and whose n_embd is a multiple of C_MULTIPLE: it returns step_refusal's
+ * status for what STEP does not take (nothing done), else STEP's; -1 in a build without AVX-512 (nothing done). */
+#define DECODE_STEP_ENTRY(NAME, STEP, MODEL, T, CACHE_T, C_MULTIPLE)                                           \
+    int NAME(const MODEL *m, const long *tokens, long B, CACHE_T *k_cache, CACHE_T *v_cache, long max_len,     \
+             const int *slot, T *logits) {                                                                     \
         const int refusal = step_refusal(m->C, m->H, C_MULTIPLE, tokens, slot, B, m->vocab, m->n_positions, max_len); \
         return refusal ? refusal : AVX512_ONLY(STEP(m, tokens, B, k_cache, v_cache, max_len, slot, logits));    \
     }
