@@ -22,10 +22,10 @@ max |ours - torch|.
     python -m benchmarks.bench_kernels [--dtype fp16 bf16 fp32] [--fused] [--save]
     python -m benchmarks.bench_kernels --smoke     # CPU, Triton interpreter, seconds; for CI (fused kernels too)
 
---save writes benchmarks/results/kernels-<device-name>.json (kernels-fused-<device-name>.json with --fused) (every dtype run) and the table beside it
-(.md), with the device-to-device copy bandwidth measured in the same run. --smoke runs one tiny shape
-of each case under the Triton interpreter with a wall-clock timer (numbers meaningless), so the script
-keeps working without a GPU.
+--save writes benchmarks/results/kernels-<device-name>.json (kernels-fused-<device-name>.json with --fused; every
+dtype run) and the table beside it (.md), with the device-to-device copy bandwidth measured in the same run.
+--smoke runs one tiny shape of each case under the Triton interpreter with a wall-clock timer (numbers
+meaningless), so the script keeps working without a GPU.
 """
 
 from __future__ import annotations
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(payload, indent=2) + "\n")
         path.with_suffix(".md").write_text(
             f"# Kernel benchmark: {device_name}\n\ntorch {torch.__version__}, triton {triton.__version__}; "
-            f"`python -m benchmarks.bench_kernels{' --fused' * args.fused} --save`; times are medians of CUDA-graph replays "
+            f"`python -m benchmarks.bench_kernels{' --fused' * args.fused} --save`; times are medians of CUDA-graph "
+            "replays "
             f"(triton.testing.do_bench_cudagraph).\n\n```\n{report}\n```\n"
             + (f"\nDevice-to-device copy by a kernel: {copy_gbs:.0f} GB/s (read + write); % copy is ours as a "
                "share of it.\n" if copy_gbs else ""))

@@ -24,7 +24,7 @@ def assert_matches(
     computed_in: torch.dtype | None = None,
 ) -> None:
     """ours (fp32, fp16 or bf16) against ref64 by the rule above; atol and rtol apply to fp32 only. computed_in: the
-    precision of the computation where it differs from ours.dtype (an fp32 result of fp16 matmuls); the rule follows it."""
+    precision of the computation where it differs from ours.dtype (an fp32 result of fp16 matmuls): the rule for it."""
     assert ours.dtype == torch_lowp.dtype and ours.shape == ref64.shape
     assert torch.isfinite(ours).all(), what
     precision = computed_in or ours.dtype

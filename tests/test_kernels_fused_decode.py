@@ -20,12 +20,12 @@ from functools import partial
 import pytest
 import torch
 
+from gpt2_kernels import qkv_append
 from gpt2_kernels._matvec import matvec_plan
 from gpt2_kernels.attention_residual import attention_residual, attention_residual_reference
 from gpt2_kernels.embedding import embedding, embedding_reference
 from gpt2_kernels.linear_residual import linear_residual, linear_residual_reference
 from gpt2_kernels.ln_linear import ln_linear, ln_linear_reference
-from gpt2_kernels.qkv_append import ln_qkv_append, ln_qkv_append_reference
 from tests.kernel_tolerances import DEVICE, DTYPES, assert_matches
 
 _assert_matches = partial(assert_matches, atol=2e-5, rtol=1e-5)
@@ -50,9 +50,11 @@ def test_ln_linear(B: int, N: int, K: int, gelu: bool, has_bias: bool, dtype: to
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B", [1, 3])
-def test_ln_qkv_append(B: int, dtype: torch.dtype) -> None:
-    """q matches; each row's key and value land at its own slot, every other slot of the caches is untouched."""
+@pytest.mark.parametrize("B, sms", [(1, 132), (3, 132), (3, 1)])
+def test_ln_qkv_append(B: int, sms: int, dtype: torch.dtype, monkeypatch) -> None:
+    """q matches; each row's key and value land at its own slot, every other slot of the caches is untouched. With
+    one SM the plan takes 64-column tiles, which straddle the query/key/value boundaries (C = 48)."""
+    monkeypatch.setattr(qkv_append, "sm_count", lambda device: sms)
     gen = torch.Generator().manual_seed(B)
     H, D, S = 3, 16, 40
     C = H * D
@@ -67,10 +69,10 @@ def test_ln_qkv_append(B: int, dtype: torch.dtype) -> None:
         k, v = caches[0, :, :, :S], caches[1, :, :, :S]
         return fn(*params, k, v, slots, 1e-5), caches
 
-    q, caches = run(ln_qkv_append, x, ln_w, ln_b, weight, bias)
-    q_lowp, caches_lowp = run(ln_qkv_append_reference, x, ln_w, ln_b, weight, bias)
-    q64, caches64 = (t.double() for t in run(ln_qkv_append_reference, x.double(), ln_w.double(), ln_b.double(),
-                                               weight.double(), bias.double()))
+    q, caches = run(qkv_append.ln_qkv_append, x, ln_w, ln_b, weight, bias)
+    q_lowp, caches_lowp = run(qkv_append.ln_qkv_append_reference, x, ln_w, ln_b, weight, bias)
+    wide = (t.double() for t in (x, ln_w, ln_b, weight, bias))
+    q64, caches64 = (t.double() for t in run(qkv_append.ln_qkv_append_reference, *wide))
     _assert_matches(q, q64, q_lowp, f"q B={B} {dtype}")
     _assert_matches(caches, caches64, caches_lowp, f"caches B={B} {dtype}")
     written = torch.zeros(B, S + 3, dtype=torch.bool, device=DEVICE)

@@ -1,5 +1,6 @@
 """A whole decode step on the fused decode kernels, for the Triton backend's captured decode step: opt in with
-GPT2_FUSED_DECODE=1 (off by default until a GPU run has validated and timed it; docs/performance.md#gpu-the-fused-decode-step).
+GPT2_FUSED_DECODE=1 (off by default until a GPU run has validated and timed it:
+docs/performance.md#gpu-the-fused-decode-step).
 
 Per layer it launches five kernels where the unfused step launches eleven (QKV matmul, two cache scatters, two
 attention kernels, out-projection, add + LayerNorm, c_fc, bias + GELU, c_proj, add + LayerNorm):
