@@ -15,19 +15,29 @@ of capturing this engine's decode graph is measured separately.
     python -m benchmarks.bench_generation_cuda --smoke --out /tmp/smoke  # CPU, tiny config, seconds: what CI runs
 
 Writes generation-cuda-<device>.json and .md to --out.
+
+--fused compares this engine's decode step with the fused decode step (`gpt2.cuda.fused_decode`, GPT2_FUSED_DECODE=1)
+instead, without transformers: per size, dtype (--fused-dtypes) and batch, each step's device time over CUDA-graph
+replays and its decode ms per step in generate, both as multiples of the weight-streaming bound measured in the same
+run, the kernels each step launches (an eager step under the CUDA profiler), the fused step's logits against the
+unfused step's and the fp32 model's, and the greedy agreement of the two over a generate. Writes
+generation-cuda-fused-<device>.json and .md. With --smoke it runs on the CPU under the Triton interpreter (tiny config,
+fp32, wall-clock times: meaningless, but the code path runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +47,11 @@ from benchmarks.bench_generation import compile_cost_lines, compile_cost_s, comp
 from benchmarks.host import peak_rss_growth_mb
 from benchmarks.reference import reference_pair, transformers_engine
 from gpt2 import GPT2
-from gpt2.bench import SIZES, CudaBoundProbe, Engine, agreement, format_table, measure, random_prompts, this_engine
+from gpt2.bench import (SIZES, CudaBoundProbe, Engine, agreement, cuda_ms, format_table, measure, random_model,
+                        random_prompts, this_engine)
+from gpt2.config import GPT2Config
 from gpt2.cuda.decode_graph import StaticDecodeStep
+from gpt2.cuda.fused_decode import FUSED_DECODE_ENV, unsupported
 from gpt2.dispatch import graph_pool
 from gpt2.decoding import prefill
 
@@ -48,7 +61,8 @@ EXACT = "transformers sdpa fp32"  # whose logits every engine's error is measure
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"])
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES) + ["large"], default=["small", "medium"],
+                   help="large: with --fused only")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -56,32 +70,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="*", type=int, metavar="BATCH",
                    help="add transformers static cache + torch.compile (fp16, mode reduce-overhead: CUDA graphs) for "
                         "these batch sizes, all when none given; it compiles once per batch size")
+    p.add_argument("--fused", action="store_true",
+                   help="compare the decode step with the fused one instead (see the module docstring)")
+    p.add_argument("--fused-dtypes", nargs="+", choices=list(DTYPES), default=["fp16"], help="with --fused")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny config, fp32 only, 3 tokens, one repeat (CI)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.batch, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], [1, 2], 8, 3, 1
-        args.compile = None
+        args.compile, args.fused_dtypes = None, ["fp32"]
     return args
 
 
 # --- engines ---------------------------------------------------------------------------------------------------
 
-def without_graphs(engine: Engine) -> Engine:
-    """engine with the CUDA-graph decode turned off (GPT2_CUDA_GRAPHS=0 while it generates)."""
+@contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """os.environ[name] = value inside the block, as it was after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def with_environment(engine: Engine, name: str, value: str, suffix: str) -> Engine:
+    """engine generating with os.environ[name] = value, named engine's name + suffix."""
 
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
-        before = os.environ.get("GPT2_CUDA_GRAPHS")
-        os.environ["GPT2_CUDA_GRAPHS"] = "0"
-        try:
+        with environment(name, value):
             return engine.generate(prompts, n)
-        finally:
-            if before is None:
-                del os.environ["GPT2_CUDA_GRAPHS"]
-            else:
-                os.environ["GPT2_CUDA_GRAPHS"] = before
 
-    return Engine(f"{engine.name}, no graph", generate, engine.logits)
+    return Engine(engine.name + suffix, generate, engine.logits)
+
+
+def without_graphs(engine: Engine) -> Engine:
+    """engine with the CUDA-graph decode turned off (GPT2_CUDA_GRAPHS=0 while it generates)."""
+    return with_environment(engine, "GPT2_CUDA_GRAPHS", "0", ", no graph")
 
 
 def with_hf_logits(engine: Engine, hf_model: torch.nn.Module) -> Engine:
@@ -214,6 +243,130 @@ def run_size(size: str, args: argparse.Namespace, device: str) -> dict:
     return result
 
 
+# --- the fused decode step (--fused) -----------------------------------------------------------------------------
+
+# With "tiny" (--smoke) at a 512-token vocabulary: the interpreter runs the lm_head's programs one by one.
+FUSED_SIZES = {**SIZES, "tiny": dataclasses.replace(SIZES["tiny"], vocab_size=512),
+               "large": GPT2Config.from_preset("dialogpt-large")}
+STEPS = {"unfused": "0", "fused": "1"}  # GPT2_FUSED_DECODE for each
+
+
+def kernels_per_step(step: StaticDecodeStep, tokens: torch.Tensor) -> int:
+    """Kernels one eager run of step launches on the GPU (its input copies included), counted by the CUDA profiler."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step(tokens)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def measure_step(model: GPT2, prompts: list[list[int]], device: str, fused: bool) -> dict:
+    """One decode step after prefilling prompts, unfused or fused: its logits, its time per step (on CUDA the median
+    of CUDA-graph replays by CUDA events, else the wall clock of an eager step) and, on CUDA, its kernel count."""
+    batch = len(prompts)
+    tokens = torch.arange(batch, device=device) + 1
+    with environment(FUSED_DECODE_ENV, STEPS["fused" if fused else "unfused"]), torch.inference_mode():
+        cache = model.new_cache(batch, len(prompts[0]) + 16)
+        prefill(model, cache, prompts)
+        step = StaticDecodeStep(model, cache, use_graph=device == "cuda")
+        if (step.fused is not None) != fused:
+            raise RuntimeError(f"the fused step does not run here: {unsupported(model, cache)}")
+        result: dict = {"logits": step(tokens).float()}  # on CUDA: warm-up, capture, replay
+        if device == "cuda":
+            result["step_ms"] = cuda_ms(step.graph.replay, repeats=200)  # rewrites the same slots: harmless
+            eager = StaticDecodeStep(model, cache, use_graph=False)
+            result["kernels"] = kernels_per_step(eager, tokens)
+        else:  # the interpreter (--smoke): one more step
+            start = time.perf_counter()
+            step(tokens)
+            result["step_ms"] = (time.perf_counter() - start) * 1e3
+    return result
+
+
+def step_engine(model: GPT2, name: str, fused: str) -> Engine:
+    """model generating with GPT2_FUSED_DECODE=fused, exactly n tokens per row (no end of text: any vocabulary)."""
+
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        with environment(FUSED_DECODE_ENV, fused):
+            return model.generate(prompts, max_new_tokens=n, eos_token_id=None)
+
+    return Engine(name, generate)
+
+
+def run_fused_size(size: str, args: argparse.Namespace, device: str) -> dict:
+    config = FUSED_SIZES[size]
+    base = random_model(config)
+
+    def copy_in(dtype: torch.dtype) -> GPT2:
+        model = copy.deepcopy(base).to(device, dtype)  # copied before its backend is chosen: that holds a module
+        if args.smoke:
+            model.set_backend("triton")  # the CPU's default is torch; TRITON_INTERPRET=1 is set (main)
+        return model
+
+    fp32 = copy_in(torch.float32)
+    result: dict = {"config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head},
+                    "runs": []}
+    if device == "cuda":
+        bound = CudaBoundProbe(config).result()
+        result["bound"] = {"gemv_ms": bound.gemv_ms, "n_bytes": bound.n_bytes,
+                           "gb_per_s": bound.n_bytes / (bound.gemv_ms * 1e-3) / 1e9}
+    for dtype_name in args.fused_dtypes:
+        # A model for each step: a model's graph pool is emptied whenever GPT2_FUSED_DECODE changes between calls.
+        models = {name: copy_in(DTYPES[dtype_name]) for name in STEPS}
+        engines = [step_engine(models[name], f"{dtype_name} {name}", value) for name, value in STEPS.items()]
+        for batch in args.batch:
+            prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+            steps = {name: measure_step(models[name], prompts, device, fused=name == "fused") for name in STEPS}
+            exact = (steps["unfused"] if dtype_name == "fp32" else measure_step(fp32, prompts, device, False))["logits"]
+            outputs = {e.name: e.generate(prompts, args.new_tokens) for e in engines}  # warm-up; compared ids
+            timings = measure(engines, prompts, args.new_tokens, args.repeats)
+            run: dict = {"dtype": dtype_name, "batch": batch, "steps": {}}
+            for (name, step), engine in zip(steps.items(), engines):
+                run["steps"][name] = {
+                    "step_ms": step["step_ms"], "kernels": step.get("kernels"),
+                    "decode_ms": timings[engine.name].decode_ms,
+                    "logit_error": logit_error(exact, step["logits"]),
+                    "max_abs_vs_unfused": (step["logits"] - steps["unfused"]["logits"]).abs().max().item(),
+                    "agreement_with_unfused": agreement(outputs[engine.name], outputs[engines[0].name])}
+            result["runs"].append(run)
+            print(f"{size} {dtype_name} batch {batch}: done", file=sys.stderr, flush=True)
+        del models, engines  # with their pooled caches and graphs
+    return result
+
+
+def fused_table(results: dict) -> str:
+    header = ["size", "dtype", "batch", "step", "kernels", "replay ms", "x bound", "decode ms/step", "x bound",
+              "logit rel RMS vs fp32", "max |diff| vs unfused", "agreement with unfused"]
+    rows = []
+    for size, res in results["sizes"].items():
+        bound = res.get("bound", {}).get("gemv_ms")
+        for run in res["runs"]:
+            for name, st in run["steps"].items():
+                rows.append([size, run["dtype"], run["batch"], name, st["kernels"] or "", f"{st['step_ms']:.3f}",
+                             f"{st['step_ms'] / bound:.2f}" if bound else "", f"{st['decode_ms']:.3f}",
+                             f"{st['decode_ms'] / bound:.2f}" if bound else "",
+                             f"{st['logit_error']['rel_rms']:.1e}", f"{st['max_abs_vs_unfused']:.1e}",
+                             f"{st['agreement_with_unfused']:.2f}"])
+    return format_table(header, rows)
+
+
+def fused_summary_lines(results: dict, args: argparse.Namespace) -> list[str]:
+    lines = [f"prompt {args.prompt_len} tokens; replay ms: median device time of one decode step replayed from its "
+             "CUDA graph (CUDA events, 200 replays); decode ms/step: generate's, host work included, median of "
+             f"{args.repeats} repeats of {args.new_tokens} new greedy tokens; kernels: launched by one eager step "
+             "(CUDA profiler, input copies included)",
+             "logit rel RMS vs fp32: the step's logits against the fp32 model's unfused step on the same inputs; "
+             "agreement with unfused: share of generated tokens matching the unfused step's before a row's first "
+             "divergence; seeded random weights (GPT-2's initialisation) of the DialoGPT shapes"]
+    for size, res in results["sizes"].items():
+        if "bound" in res:
+            b = res["bound"]
+            lines.append(f"{size}: weight-streaming bound {b['gemv_ms'] * 1e3:.0f} us = one fp16 GEMV over "
+                         f"{b['n_bytes'] / 1e6:.0f} MB ({b['gb_per_s']:.0f} GB/s); x bound: the time over it")
+    return lines
+
+
 # --- report ------------------------------------------------------------------------------------------------------
 
 def table(results: dict) -> str:
@@ -260,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_generation_cuda: no CUDA GPU found (use --smoke for the CPU check, or "
               "benchmarks/bench_generation.py for the CPU benchmark)", file=sys.stderr)
         return 2
+    if args.smoke and args.fused:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton backend first imports the kernels
     device = "cpu" if args.smoke else "cuda"
     device_name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
     results: dict = {"device": device_name, "torch": torch.__version__, "sizes": {}}
@@ -272,15 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_generation_cuda needs transformers and triton: {e}", file=sys.stderr)
         return 2
     for size in args.sizes:
-        results["sizes"][size] = run_size(size, args, device)
-    lines = summary_lines(results, args)
-    report = table(results)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        results["sizes"][size] = (run_fused_size if args.fused else run_size)(size, args, device)
+    lines = (fused_summary_lines if args.fused else summary_lines)(results, args)
+    report = (fused_table if args.fused else table)(results)
+    slug = ("fused-" if args.fused else "") + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"generation-cuda-{slug}.json").write_text(json.dumps(results, indent=1))
     command = " ".join(["python -m benchmarks.bench_generation_cuda", *(argv if argv is not None else sys.argv[1:])])
+    title = "Fused decode step benchmark" if args.fused else "Generation benchmark"
     (args.out / f"generation-cuda-{slug}.md").write_text("\n".join([
-        f"# Generation benchmark on {device_name}", "",
+        f"# {title} on {device_name}", "",
         f"torch {results['torch']}, triton {results['triton']}, transformers {results['transformers']}. "
         f"Command: `{command}`.", "",
         report, "", *[f"- {line}" for line in lines], ""]))

@@ -46,8 +46,17 @@ stage generation 120 python3 -m benchmarks.bench_generation_cuda --out "$out"
 stage gpt2-bench 45 python3 -m gpt2.cli bench --device cuda --sizes small --no-progress
 stage compiled 110 python3 -m benchmarks.bench_generation_cuda --sizes small medium --batch 1 --compile \
     --out "$out/compiled"
-# Not among the default stages (their limits fill one call): STAGES=serve runs gpt2 serve on the GPU, its tests
-# (the CUDA-graph slots against generate) and its benchmark at 1-64 clients.
+# Not among the default stages (their limits fill one call): STAGES=fused runs the fused decode step's tests natively
+# (its kernels compiled, the step captured in a CUDA graph), its kernels against the unfused step's ops
+# (kernels-fused-*), and the unfused and fused steps against the weight-streaming bound (generation-cuda-fused-*:
+# small, medium and large, fp16, batch 1 and 8). A failing test stage does not stop the benchmarks.
+stage fused 300 sh -c 'python3 -m pytest -v -p no:cacheprovider -rfs tests/test_kernels_fused_decode.py \
+        tests/test_fused_decode.py tests/test_decode_graph.py
+    python3 -m benchmarks.bench_kernels --fused --dtype fp16 --save && cp benchmarks/results/kernels-fused-* "$0"
+    python3 -m benchmarks.bench_generation_cuda --fused --sizes small medium large --batch 1 8 --repeats 3 \
+        --out "$0"' "$out"
+# STAGES=serve runs gpt2 serve on the GPU, its tests (the CUDA-graph slots against generate) and its benchmark at
+# 1-64 clients.
 stage serve 300 sh -c 'python3 -m pytest -q -p no:cacheprovider tests/test_serve_http.py -k cuda -rfs &&
     python3 -m benchmarks.bench_serve --device cuda --sizes small --window 8 --out "$0"' "$out"
 cat "$out/gpu.txt"

@@ -7,9 +7,10 @@ the splits of each (b, h). The split count comes from tensor shapes and the SM c
 from kv_len values, so the step launches without host syncs and can be captured in a CUDA graph;
 chunks lying past kv_len exit at once. With one split the first kernel writes the output itself.
 K and V are addressed through their strides, so cache views `cache[:, :, :S]` need no copy.
+`attention_decode_partials` runs the first kernel alone, for the fused decode step, whose out-projection merges
+the splits as it reads them (kernels/attention_residual.py).
 """
 
-import functools
 import math
 
 import torch
@@ -18,11 +19,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._attention_inputs import check_attention_inputs
+from ._device import sm_count
 
 _LOG2E = math.log2(math.e)
-# Programs to aim for per SM when choosing the split count, and the SM count assumed off-GPU.
-_PROGRAMS_PER_SM = 2
-_DEFAULT_SMS = 132
+_PROGRAMS_PER_SM = 2  # programs to aim for per SM when choosing the split count
 
 
 @triton.jit
@@ -100,13 +100,6 @@ def _decode_combine_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_plan(B: int, H: int, S: int, block_n: int, sms: int) -> tuple[int, int]:
     """(split_size, num_splits): enough (b, h, split) programs to fill the GPU, chunks of whole blocks."""
     wanted = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, B * H), triton.cdiv(S, block_n)))
@@ -114,37 +107,59 @@ def _split_plan(B: int, H: int, S: int, block_n: int, sms: int) -> tuple[int, in
     return split_size, triton.cdiv(S, split_size)
 
 
-def attention_decode(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, sm_scale: float) -> Tensor:
-    """Attention of one query per row, q (B, H, D), over keys j < kv_len[b] of k, v (B, H, S, D).
-
-    kv_len (B,) int, >= 1. Returns (B, H, D) in q's dtype.
-    """
+def _launch_split(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, sm_scale: float, may_finish: bool
+                  ) -> tuple[Tensor, Tensor | None]:
+    """Run the split kernel. With may_finish and a single split it writes the output (B, H, D) in q's dtype:
+    returns (out, None); else the fp32 partials: returns (o_part (B * H, splits, D), lse_part (B * H, splits))."""
     if q.dim() != 3:
         raise ValueError(f"q must be (B, H, D), got {tuple(q.shape)}")
     check_attention_inputs(q, k, v, (kv_len,))
     B, H, D = q.shape
     S = k.shape[2]
-    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     block_n = 64 if D <= 64 else 32
-    split_size, num_splits = _split_plan(B, H, S, block_n, _sm_count(q.device))
-    single = num_splits == 1
-    # Partial results, fp32; with a single split the first kernel writes `out` and these are unused.
-    o_part = out if single else torch.empty((B * H, num_splits, D), dtype=torch.float32, device=q.device)
-    lse_part = out if single else torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
+    split_size, num_splits = _split_plan(B, H, S, block_n, sm_count(q.device))
+    single = may_finish and num_splits == 1
+    if single:  # the partials' pointers are unused
+        out = o_part = lse_part = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    else:
+        o_part = out = torch.empty((B * H, num_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, num_splits)](
         q, k, v, kv_len, out, o_part, lse_part,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *(out.stride() if single else (0, 0, 0)),
         H, S, split_size, num_splits, sm_scale * _LOG2E,
         SINGLE_SPLIT=single, HEAD_DIM=D, BLOCK_N=block_n,
         num_warps=4 if D >= 64 else 2,
     )
-    if not single:
-        _decode_combine_kernel[(B * H,)](
-            o_part, lse_part, out, *out.stride(), H, num_splits,
-            HEAD_DIM=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            num_warps=1 if D <= 32 else 2,
-        )
+    return (out, None) if single else (o_part, lse_part)
+
+
+def attention_decode(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, sm_scale: float) -> Tensor:
+    """Attention of one query per row, q (B, H, D), over keys j < kv_len[b] of k, v (B, H, S, D).
+
+    kv_len (B,) int, >= 1. Returns (B, H, D) in q's dtype.
+    """
+    o_part, lse_part = _launch_split(q, k, v, kv_len, sm_scale, may_finish=True)
+    if lse_part is None:
+        return o_part
+    B, H, D = q.shape
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    num_splits = lse_part.shape[1]
+    _decode_combine_kernel[(B * H,)](
+        o_part, lse_part, out, *out.stride(), H, num_splits,
+        HEAD_DIM=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        num_warps=1 if D <= 32 else 2,
+    )
     return out
+
+
+def attention_decode_partials(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, sm_scale: float
+                              ) -> tuple[Tensor, Tensor]:
+    """The split kernel alone, for a consumer that merges the splits itself (`attention_residual`): per (b, h)
+    and split, the output over that chunk of keys, o_part (B * H, splits, D) fp32, and its log-sum-exp in base 2,
+    lse_part (B * H, splits) fp32 (-inf for an empty chunk). Same arguments as `attention_decode`."""
+    o_part, lse_part = _launch_split(q, k, v, kv_len, sm_scale, may_finish=False)
+    return o_part, lse_part
 
 
 def attention_decode_reference(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, sm_scale: float) -> Tensor:

@@ -17,18 +17,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._attention_inputs import check_attention_inputs
+from ._dot import dot, dot_options
 
 _LOG2E = math.log2(math.e)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The Triton 3.9 interpreter multiplies bf16 operands as their raw uint16 storage; the launcher
-    # sets UPCAST for CPU tensors so that, there only, bf16 operands are widened to fp32 first.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -69,7 +60,7 @@ def _attention_prefill_kernel(
         key_ok = offs_n < kv_len
         kv_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, D)
         k = tl.load(k_base + kv_offs, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
         allowed = (offs_n[None, :] <= pos_m[:, None]) & key_ok[None, :]  # (BLOCK_M, BLOCK_N)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
@@ -78,7 +69,7 @@ def _attention_prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)  # (BLOCK_M, D)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)  # (BLOCK_M, D)
         m_i = m_new
     # kv_len == 0 leaves l_i == 0: write zeros rather than NaN.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -110,8 +101,7 @@ def attention_prefill(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, S, sm_scale * _LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if wide else "tf32",  # fp32 dots in full precision (tf32 is only for fp32 inputs)
-        UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        **dot_options(q.dtype, q.device),
         num_warps=4, num_stages=3,
     )
     return out

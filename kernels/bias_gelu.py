@@ -19,15 +19,20 @@ _BLOCK_N_MAX = 1024
 
 
 @triton.jit
+def gelu_new(u):
+    """gelu_new of fp32 u, elementwise (also the fused decode step's c_fc epilogue, kernels/ln_linear.py)."""
+    two_a = 2.0 * _SQRT_2_OVER_PI * (u + _GELU_CUBIC * u * u * u)
+    z = tl.exp(-tl.abs(two_a))  # in [0, 1]: never overflows
+    return u * tl.where(two_a >= 0.0, 1.0, z) / (1.0 + z)  # u * sigmoid(2a)
+
+
+@triton.jit
 def _bias_gelu_kernel(X, Bias, Y, stride_x, stride_y, N, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_row = cols < N
     x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)  # (BLOCK_N,)
-    u = x + tl.load(Bias + cols, mask=in_row, other=0.0).to(tl.float32)
-    two_a = 2.0 * _SQRT_2_OVER_PI * (u + _GELU_CUBIC * u * u * u)
-    z = tl.exp(-tl.abs(two_a))  # in [0, 1]: never overflows
-    y = u * tl.where(two_a >= 0.0, 1.0, z) / (1.0 + z)  # u * sigmoid(2a)
+    y = gelu_new(x + tl.load(Bias + cols, mask=in_row, other=0.0).to(tl.float32))
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=in_row)
 
 

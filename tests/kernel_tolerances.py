@@ -20,17 +20,20 @@ LOWP_EPS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 def assert_matches(
-    ours: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, what: str, *, atol: float, rtol: float = 0.0
+    ours: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, what: str, *, atol: float, rtol: float = 0.0,
+    computed_in: torch.dtype | None = None,
 ) -> None:
-    """ours (fp32, fp16 or bf16) against ref64 by the rule above; atol and rtol apply to fp32 only."""
+    """ours (fp32, fp16 or bf16) against ref64 by the rule above; atol and rtol apply to fp32 only. computed_in: the
+    precision of the computation where it differs from ours.dtype (an fp32 result of fp16 matmuls): the rule for it."""
     assert ours.dtype == torch_lowp.dtype and ours.shape == ref64.shape
     assert torch.isfinite(ours).all(), what
-    if ours.dtype == torch.float32:
+    precision = computed_in or ours.dtype
+    if precision == torch.float32:
         torch.testing.assert_close(ours.double(), ref64, atol=atol, rtol=rtol, msg=what)
         return
     err = (ours.double() - ref64).abs().max().item()
     base = (torch_lowp.double() - ref64).abs().max().item()
-    slack = LOWP_EPS[ours.dtype]
-    if ours.dtype == torch.bfloat16 and TRUNCATING_BF16:
+    slack = LOWP_EPS[precision]
+    if precision == torch.bfloat16 and TRUNCATING_BF16:
         slack += 2.0 ** (math.floor(math.log2(max(ref64.abs().max().item(), 1e-30))) - 7)
     assert err <= 2 * base + slack, f"{what}: max err {err:.3g} vs torch's {base:.3g} (+{slack:.3g})"

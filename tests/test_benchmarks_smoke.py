@@ -222,6 +222,21 @@ def test_bench_generation_cuda_smoke(tmp_path):
 
 
 @pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=str(INTERPRETER_PROBLEM))
+def test_bench_generation_cuda_fused_smoke(tmp_path):
+    """--fused's CPU smoke mode: the unfused and the fused decode step under the Triton interpreter, fp32, tiny."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_generation_cuda", "--smoke", "--fused", "--out",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "generation-cuda-fused-cpu-smoke.json").read_text())
+    runs = results["sizes"]["tiny"]["runs"]
+    assert [(r["dtype"], r["batch"]) for r in runs] == [("fp32", 1), ("fp32", 2)]
+    for r in runs:
+        fused = r["steps"]["fused"]
+        assert fused["logit_error"]["rel_rms"] < 1e-5 and fused["agreement_with_unfused"] == 1.0
+    assert "| fused " in run.stdout
+
+
+@pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=str(INTERPRETER_PROBLEM))
 def test_bench_kernels_smoke():
     """Every kernel case once, tiny shapes, under the Triton interpreter (what the GPU run times).
 
@@ -231,7 +246,8 @@ def test_bench_kernels_smoke():
     run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", "--smoke"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    for kernel in ("layer_norm", "add_layer_norm", "bias_gelu", "prefill", "decode"):
+    for kernel in ("layer_norm", "add_layer_norm", "bias_gelu", "prefill", "decode", "ln_qkv_append",
+                   "attention_residual", "ln_linear_gelu", "linear_residual", "ln_lm_head"):
         for dtype in ("fp16", "bf16", "fp32"):
             assert any(line.startswith(kernel + " ") and f" {dtype} " in line for line in run.stdout.splitlines())
 

@@ -5,6 +5,8 @@ Decode steps differ only in tensor values (each row's new token and position) wh
 the whole preallocated cache and masks by each row's length. `StaticDecodeStep` keeps those inputs in
 fixed buffers, so on CUDA the step's ~15 kernel launches per layer are replayed from a graph instead of
 issued from Python. Off CUDA it runs the same static step eagerly, which is how the CPU tests check it.
+With GPT2_FUSED_DECODE=1 the step runs the fused decode kernels (`gpt2.cuda.fused_decode`) instead of the model's
+forward, where they can run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kv_cache import ForwardStep, KVCache
+from .fused_decode import fused_decode_for, fused_decode_requested
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -43,6 +46,7 @@ class StaticDecodeStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
+        self.fused = fused_decode_for(model, cache)  # None: the model's forward runs the step
 
     def _step(self) -> ForwardStep:
         batch = self.cache.batch_size
@@ -51,6 +55,8 @@ class StaticDecodeStep:
                            n_new_host=[1] * batch, chunk_len=1, position_independent=True)
 
     def _run(self, step: ForwardStep) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(self.tokens[:, 0], self.positions[:, 0], self.q_start, self.kv_len)
         return self.model.forward_step(self.tokens, step, self.cache, last_only=True)
 
     def _capture(self) -> None:
@@ -95,7 +101,7 @@ class DecodeGraphPool:
     so the pool keeps the caches too: one per (batch size, cache length rounded up to LENGTH_BUCKET), the
     most recently used, at most MAX_ENTRIES of them and MAX_BYTES of caches (beyond the one just used). A
     cache is lent to one call at a time (a concurrent call of the same shape gets a new one). Moving or
-    casting the model's weights, or changing its backend, empties the pool; `clear()` frees it.
+    casting the model's weights, changing its backend or GPT2_FUSED_DECODE empties the pool; `clear()` frees it.
     """
 
     LENGTH_BUCKET = 128
@@ -120,7 +126,7 @@ class DecodeGraphPool:
         """An empty cache of batch_size rows holding at least max_len tokens, and the decode step over it."""
         length = min(-(-max_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, model.config.n_positions)
         key = (batch_size, max(length, max_len))
-        weights = (model.backend.name, *(p.data_ptr() for p in model.parameters()))
+        weights = (model.backend.name, fused_decode_requested(), *(p.data_ptr() for p in model.parameters()))
         with self._lock:
             if weights != self._weights:
                 self._entries.clear()
