@@ -73,8 +73,9 @@ def cache_mb(config: GPT2Config, dtype: torch.dtype) -> float:
 
 def machine_slug(m: dict) -> str:
     """The results' file name part for this machine: its CPU's model name and the kernels' instruction set."""
-    name = m["cpu"].split(" (")[0]  # without lscpu's family and model numbers
-    return re.sub(r"[^a-z0-9]+", "-", f"cpu {name} {build.instruction_set() or 'no-kernels'}".lower()).strip("-")
+    name = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", m["cpu"].split(" (cpu")[0])  # "Intel Xeon"
+    isa = (build.instruction_set() or "no-kernels").replace("-", "")  # "avx512", as the other results name it
+    return re.sub(r"[^a-z0-9]+", "-", f"cpu {name} {isa}".lower()).strip("-")
 
 
 def logit_error(logits: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
