@@ -151,6 +151,7 @@ def run_pair(name: str, target: GPT2, draft: GPT2, args: argparse.Namespace, voc
         same = out.sequences == alone.generate(prompts, args.new_tokens)
         timings = timed([alone, drafted], prompts, args)
         runs.append({"batch": batch, "acceptance": out.draft_acceptance, "identical_to_target": same,
+                     "draft_stopped_after": out.draft_stopped_after,
                      "tokens_per_s": {n: t.tokens_per_s for n, t in timings.items()},
                      "best_tokens_per_s": {n: batch * args.new_tokens / min(t.full) for n, t in timings.items()},
                      "speedup_by_repeat": paired(timings, alone.name, drafted.name, full_seconds),
@@ -296,9 +297,10 @@ def speculative_table(pairs: list[dict]) -> str:
             rows.append([pair["pair"], run["batch"], f"{run['acceptance']:.3f}", f"{tps['target alone']:.1f}",
                          f"{tps['drafted']:.1f}", f"{statistics.median(speedup):.2f} "
                          f"({min(speedup):.2f}-{max(speedup):.2f})", f"{best['drafted'] / best['target alone']:.2f}",
-                         run["identical_to_target"]])
+                         run["identical_to_target"], run["draft_stopped_after"] or "never"])
     return format_table(["pair", "batch", "acceptance", "alone tokens/s", "drafted tokens/s",
-                         "speed-up: median (range over repeats)", "of the fastest", "same tokens"], rows)
+                         "speed-up: median (range over repeats)", "of the fastest", "same tokens",
+                         "drafting stopped after (rounds)"], rows)
 
 
 def markdown(results: dict) -> str:
@@ -317,8 +319,9 @@ def markdown(results: dict) -> str:
              "Acceptance: the share of the draft's proposed tokens the target kept. Tokens/s: medians over the "
              "repeats. Speed-up: the target alone's generate time over the drafted one's, within each repeat; of the "
              "fastest: the same from each engine's fastest repeat, what a machine undisturbed by its neighbours gets. "
-             "Same tokens: the drafted output equals the "
-             "target's alone. Random weights are not a language: their next-token distributions are nearly uniform, "
+             "Same tokens: the drafted output equals the target's alone. Drafting stopped after: the rounds the "
+             "check run drafted before drafting was measured not to pay (`gpt2.draft_gate`; each timed repeat decides "
+             "anew). Random weights are not a language: their next-token distributions are nearly uniform, "
              "so a draft that is another random model agrees with the target about as often as chance and its "
              "figures say nothing about real checkpoints; acceptance is the number to watch."]
     if "training" in results:

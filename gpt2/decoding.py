@@ -36,6 +36,7 @@ class GenerateOutput:
     logprobs: list[list[float]]  # logprobs[i][j]: log-softmax of the model's raw logits at token j of sequence i
     scores: list[float]  # beam search: transformers' length-penalised beam score; otherwise sum(logprobs[i])
     draft_acceptance: float | None = None  # with a draft model: the share of its proposed tokens the target kept
+    draft_stopped_after: int | None = None  # with a draft: rounds run before drafting stopped (it did not pay), or None
 
 
 def check_finite(logits: torch.Tensor, step: int, finished: list[bool]) -> None:

@@ -17,6 +17,15 @@ first draft step. g follows transformers' heuristic: +2 after a round where ever
 and where the backend knows how many token rows a forward takes at about a decode step's cost (on the CPU, the 16 of
 the small-batch matmul), a round checks no more: at batch 8 the target checks one proposal per row, since checking
 4 would cost it several decode steps' compute.
+
+Drafting stops where it is measured not to pay (`gpt2.draft_gate`): every round and every plain target step is
+timed; after a first, untimed round, 4 timed rounds and 2 plain steps, and after each round from then on, drafting
+stops for the rest of the generation where the last 4 rounds took under 0.9 times the tokens per second of the
+fastest plain step. A poor draft loses that way (its rounds take about one token a row for the cost of the draft's
+steps and a check), and so does a good one where the check of several tokens a row costs more than it saves (batch 8
+on 2 CPU cores). The rest are plain decode steps, as `gpt2.decoding` runs them, so the output is unchanged: each step,
+a round or a plain step chosen from what came before, takes the target's tokens (greedy) or its distribution of them
+(sampling). `GenerateOutput.draft_stopped_after` says after how many rounds drafting stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .decoding import GenerateOutput, TokenCallback, check_finite
+from .draft_gate import DraftGate
 from .sampling import LogitsProcessors, RandomStreams, SamplingParams, choose_next, draw, next_token_probs, uniform
 
 if TYPE_CHECKING:
@@ -97,6 +107,7 @@ def speculative_decode(model: GPT2, cache: KVCache, decode: DecodeFn, draft: Dra
 
     last = first_tokens(rows, logits, generator, with_logprobs)  # each row's token not yet in either cache
     cheap_rows = model.backend.rows_at_step_cost()
+    gate = DraftGate()
     g = FIRST_DRAFT_TOKENS
     while not all(rows.finished):
         live = rows.live()
@@ -105,8 +116,10 @@ def speculative_decode(model: GPT2, cache: KVCache, decode: DecodeFn, draft: Dra
         if cheap_rows is not None:
             room = min(room, max(1, cheap_rows // len(live) - 1))
         held = list(cache.lengths)
-        if min(g, room) == 0:
+        gate.begin()
+        if min(g, room) == 0 or gate.plain_due():
             target_step(rows, decode, cache, draft, last, held, generator, with_logprobs)
+            gate.plain_done(len(live))
             continue
         drafts, q = propose(draft, rows.processors.copy(), last, live, min(g, room), params, generator)
         kept = verify(model, cache, rows, last, drafts, q, live, params, generator, with_logprobs)
@@ -116,10 +129,11 @@ def speculative_decode(model: GPT2, cache: KVCache, decode: DecodeFn, draft: Dra
             draft.cache.lengths[row] = held[row] + min(n, len(drafts[row]))
             draft.pending[row] = drafts[row][-1:] if n > len(drafts[row]) else []
             last[row] = rows.tokens[row][-1]
+        gate.round_done(sum(kept[row] for row in live))
         g = g + 2 if all(kept[row] > len(drafts[row]) for row in live) else max(1, g - 1)
     scores = [sum(row) for row in rows.logprobs] if with_logprobs else []
     acceptance = rows.accepted / rows.proposed if rows.proposed else None
-    return GenerateOutput(rows.tokens, rows.logprobs if with_logprobs else [], scores, acceptance)
+    return GenerateOutput(rows.tokens, rows.logprobs if with_logprobs else [], scores, acceptance, gate.stopped_after)
 
 
 def first_tokens(rows: Rows, logits: torch.Tensor, generator: RandomStreams,
@@ -136,7 +150,8 @@ def first_tokens(rows: Rows, logits: torch.Tensor, generator: RandomStreams,
 
 def target_step(rows: Rows, decode: DecodeFn, cache: KVCache, draft: Draft, last: list[int], held: list[int],
                 generator: RandomStreams, with_logprobs: bool) -> None:
-    """A round without proposals (no room left for one): one target decode step, as the plain loop runs it."""
+    """A round without proposals (no room left for one, or drafting does not pay): one target decode step, as the
+    plain loop runs it; the draft keeps the token it missed in `Draft.pending`."""
     logits = decode(torch.tensor(last, device=cache.k.device)).float()  # (B, V)
     check_finite(logits, min(len(rows.tokens[row]) for row in rows.live()), rows.finished)
     raw = logits.log_softmax(dim=-1) if with_logprobs else None

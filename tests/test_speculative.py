@@ -1,19 +1,22 @@
 """Speculative decoding (`generate(..., draft_model=...)`): greedy output token for token the target's alone, on every
-decode path and with any draft; sampled output in the target's distribution (a chi-square test on a tiny vocabulary).
+decode path and with any draft; sampled output in the target's distribution (a chi-square test on a tiny vocabulary);
+drafting stops where it does not pay (`gpt2.draft_gate`), timed on a simulated clock.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 
-from gpt2 import GPT2, GPT2Config, speculative
+from gpt2 import GPT2, GPT2Config, draft_gate, speculative
 from gpt2.bench import random_model
 from gpt2.cpu.int8_linear import quantize_int8
+from gpt2.decoding import GenerateOutput
 from gpt2.sampling import SamplingParams, draw, next_token_probs
 from gpt2.tokenizer import Tokenizer
 from tests.decode_paths import PATHS, use_path
@@ -104,6 +107,94 @@ def test_n_best_sampling_with_a_draft_shares_the_prefill(target, drafts):
     assert out.scores == pytest.approx([sum(lp) for lp in out.logprobs])
 
 
+# --- drafting stops where it does not pay ---------------------------------------------------------------------------
+
+def simulated_clock(monkeypatch, draft_step_s: float, check_s: float, plain_s: float) -> Counter:
+    """The gate's clock as a cost model: each proposal costs draft_step_s, each check of proposals check_s, each plain
+    target step plain_s. Returns a count of the rounds ("rounds") and plain steps ("plain") run."""
+    now, calls = [0.0], Counter()
+    real_propose, real_verify, real_step = speculative.propose, speculative.verify, speculative.target_step
+
+    def propose(draft, processors, last, live, g, *args):
+        calls["rounds"] += 1
+        now[0] += g * draft_step_s
+        return real_propose(draft, processors, last, live, g, *args)
+
+    def verify(*args):
+        now[0] += check_s
+        return real_verify(*args)
+
+    def target_step(*args):
+        calls["plain"] += 1
+        now[0] += plain_s
+        return real_step(*args)
+
+    monkeypatch.setattr(draft_gate, "clock", lambda: now[0])
+    monkeypatch.setattr(speculative, "propose", propose)
+    monkeypatch.setattr(speculative, "verify", verify)
+    monkeypatch.setattr(speculative, "target_step", target_step)
+    return calls
+
+
+LONG = {"max_new_tokens": 64, "eos_token_id": None}  # room for the warm-up round, the timed rounds and the probes
+DECIDED = draft_gate.WARMUP_ROUNDS + draft_gate.WINDOW  # the rounds run when the gate first decides
+
+
+def test_drafting_stops_where_rounds_cost_more_than_they_gain(target, drafts, monkeypatch):
+    """A draft the target keeps almost every proposal of, but whose rounds (2 s a proposal, 2 s the check) cost more
+    than the tokens they gain at plain steps of 1 s (like batch 8 on 2 cores): the rest are plain steps, and the
+    output is the target's."""
+    alone = target.generate(PROMPTS, **LONG)
+    calls = simulated_clock(monkeypatch, draft_step_s=2.0, check_s=2.0, plain_s=1.0)
+    out = target.generate(PROMPTS, draft_model=drafts["int8"], return_dict=True, **LONG)
+    assert out.sequences == alone
+    assert out.draft_stopped_after == DECIDED and calls["rounds"] == DECIDED
+    assert out.draft_acceptance > 0.9
+
+
+@pytest.mark.parametrize(("which", "draft_step_s"), [("int8", 0.25), ("other", 1.0)])
+def test_drafting_goes_on_where_it_pays_and_stops_for_a_poor_draft(target, drafts, which, draft_step_s, monkeypatch):
+    """A check costs a plain step, a proposal what its draft's size suggests. The int8 copy's rounds gain several tokens
+    a row and it drafts to the end; another random model of the target's size gains about one a row (most rows keep
+    no proposal), at twice a plain step's cost or more, and it stops as soon as the gate decides."""
+    alone = target.generate(PROMPTS, **LONG)
+    calls = simulated_clock(monkeypatch, draft_step_s=draft_step_s, check_s=1.0, plain_s=1.0)
+    out = target.generate(PROMPTS, draft_model=drafts[which], return_dict=True, **LONG)
+    assert out.sequences == alone
+    if which == "int8":
+        assert out.draft_stopped_after is None and calls["rounds"] > DECIDED
+    else:
+        assert out.draft_acceptance < 0.5
+        assert out.draft_stopped_after == DECIDED and calls["rounds"] == DECIDED
+
+
+def test_one_slow_round_does_not_stop_a_draft_that_pays(monkeypatch):
+    """A hiccup: one timed round lasting 3 s among rounds of 1 s gaining 4 tokens, plain steps of 1 s a token. The
+    window (4 rounds, 16 tokens in 6 s) still pays; only a window of slow rounds stops drafting."""
+    now = [0.0]
+    monkeypatch.setattr(draft_gate, "clock", lambda: now[0])
+    gate = draft_gate.DraftGate()
+
+    def run(seconds: float, tokens: int, plain: bool = False) -> None:
+        gate.begin()
+        now[0] += seconds
+        if plain:
+            gate.plain_done(tokens)
+        else:
+            gate.round_done(tokens)
+
+    for seconds in (9.0, 3.0, 1.0, 1.0, 1.0):  # the first, untimed, warms the draft's step
+        assert not gate.plain_due()
+        run(seconds, 4)
+    assert gate.plain_due()
+    run(1.0, 1, plain=True)
+    run(1.0, 1, plain=True)
+    assert not gate.plain_due() and gate.stopped_after is None
+    for _ in range(4):
+        run(5.0, 4)
+    assert gate.plain_due() and gate.stopped_after == 9  # the last 4 rounds: 4 tokens in 5 s each, under 0.9 a second
+
+
 # --- the distribution of sampled output -----------------------------------------------------------------------------
 
 VOCAB = 5
@@ -150,14 +241,14 @@ def chi_square_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:
     return torch.special.gammaincc(dof / 2, statistic / 2).item()
 
 
-def sampled_joint_p_value(target: GPT2, draft: GPT2, prompt: list[int]) -> tuple[float, float]:
-    """(the draft's acceptance, the chi-square p-value of DRAWS drafted samples against the target's exact joint)."""
+def sampled_joint_p_value(target: GPT2, draft: GPT2, prompt: list[int]) -> tuple[GenerateOutput, float]:
+    """(DRAWS drafted samples, the chi-square p-value of their counts against the target's exact joint)."""
     out = target.generate([prompt], num_return_sequences=DRAWS, draft_model=draft, seed=0, return_dict=True,
                           **{k: v for k, v in vars(SAMPLING).items() if k != "seed"})
     counts = torch.zeros(VOCAB ** 4, dtype=torch.float64)
     index = torch.tensor(out.sequences) @ torch.tensor([VOCAB ** 3, VOCAB ** 2, VOCAB, 1])
     counts.index_add_(0, index, torch.ones(DRAWS, dtype=torch.float64))
-    return out.draft_acceptance, chi_square_p_value(counts, DRAWS * exact_joint(target, prompt))
+    return out, chi_square_p_value(counts, DRAWS * exact_joint(target, prompt))
 
 
 def test_sampled_output_has_the_targets_distribution(monkeypatch):
@@ -169,8 +260,8 @@ def test_sampled_output_has_the_targets_distribution(monkeypatch):
     The test has power: the draft's own distribution (what keeping every proposal gives) is rejected at p < 1e-12,
     and so is a subtle mistake, drawing a rejected proposal's replacement from p instead of max(0, p - q)."""
     target, draft = peaked_model(0), peaked_model(1)
-    acceptance, p_value = sampled_joint_p_value(target, draft, [1, 2])
-    assert 0.05 < acceptance < 0.95  # both keeping and replacing proposals are exercised
+    out, p_value = sampled_joint_p_value(target, draft, [1, 2])
+    assert 0.05 < out.draft_acceptance < 0.95  # both keeping and replacing proposals are exercised
     assert p_value > P_VALUE
     assert chi_square_p_value(DRAWS * exact_joint(draft, [1, 2]), DRAWS * exact_joint(target, [1, 2])) < 1e-12
 
@@ -183,6 +274,18 @@ def test_sampled_output_has_the_targets_distribution(monkeypatch):
 
     monkeypatch.setattr(speculative, "check_proposals", replacement_from_p)
     assert sampled_joint_p_value(target, draft, [1, 2])[1] < 1e-12
+
+
+def test_sampled_output_keeps_the_targets_distribution_once_drafting_stops(monkeypatch):
+    """As above, with a gate that decides after one round (timed) and one plain step, and rounds that look slow: each
+    sequence is drafted for its first tokens and stepped plainly for the rest, and the joint is still the target's."""
+    monkeypatch.setattr(draft_gate, "WARMUP_ROUNDS", 0)
+    monkeypatch.setattr(draft_gate, "WINDOW", 1)
+    monkeypatch.setattr(draft_gate, "PLAIN_PROBES", 1)
+    simulated_clock(monkeypatch, draft_step_s=10.0, check_s=10.0, plain_s=1.0)
+    out, p_value = sampled_joint_p_value(peaked_model(0), peaked_model(1), [1, 2])
+    assert out.draft_stopped_after == 1
+    assert p_value > P_VALUE
 
 
 # --- bad combinations -----------------------------------------------------------------------------------------------
