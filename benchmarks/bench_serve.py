@@ -207,9 +207,17 @@ async def run_level(server: Server, clients: int, prompt: str, new_tokens: int, 
         before, server_cpu = cpu_times(), server.cpu_seconds()
         started = time.monotonic()
         end = started + window_s
-        await asyncio.gather(*(client(http, server, body, level, end) for _ in range(clients)))
+        # The window ends on time: a client still waiting for its first token (queued behind the others) would
+        # otherwise keep the level open past it, counting seconds without tokens.
+        tasks = [asyncio.create_task(client(http, server, body, level, end)) for _ in range(clients)]
+        await asyncio.wait(tasks, timeout=window_s)
         level.seconds = time.monotonic() - started
         busy, own, now = cpu_times()
+        for task in tasks:
+            task.cancel()  # closing a stream cancels its request
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                raise outcome
         seconds = max(now - before[2], 1e-9)
         level.server_cores = (server.cpu_seconds() - server_cpu) / seconds
         level.client_cores = (own - before[1]) / seconds

@@ -120,6 +120,22 @@ def test_greedy_choices_equal_generate_alone_under_sixteen_concurrent_jobs(model
         "gpt2_decode_batch_rows_count")
 
 
+def test_greedy_min_new_tokens_holds_end_of_text_back_as_generate_does(scheduler, model):
+    """Greedy choices under min_new_tokens share the batch's argmax with end of text masked while it is too early:
+    with end of text set to the token greedy picks at step 3, each choice equals `generate`'s, beside a choice that
+    may stop there."""
+    prompts = [[464, 3290, 318, 257], [40, 588, 257, 1310, 12, 99]]
+    eos = model.generate([prompts[0]], max_new_tokens=3, eos_token_id=None)[0][2]
+    jobs = [(prompt, min_new) for prompt in prompts for min_new in (0, 6)]
+    collectors = [run(scheduler, Job([prompt], SamplingParams(max_new_tokens=10, min_new_tokens=min_new,
+                                                              eos_token_id=eos))) for prompt, min_new in jobs]
+    got = [c.wait().tokens[0] for c in collectors]
+    expected = [model.generate([prompt], max_new_tokens=10, min_new_tokens=min_new, eos_token_id=eos)[0]
+                for prompt, min_new in jobs]
+    assert got == expected
+    assert len(got[0]) <= 3 and len(got[1]) >= 6  # end of text ended one early and was held back in the other
+
+
 def test_seeded_sampling_is_generates_and_reproducible(scheduler, model):
     """Choice 0 of a seeded job samples as `generate` with that seed; choice i uses seed + i; rerunning repeats."""
     prompt = [464, 3290, 318, 257]

@@ -83,14 +83,19 @@ class Choice:
     last_token_at: float = 0.0
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits or reads them (no penalty, no n-gram ban, past
-        min_new_tokens, no logprobs): its token is the argmax of the raw logits."""
+    def batched_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits but min_new_tokens' ban on end of text, and no logprobs: its
+        token is the argmax of the raw logits, end of text masked while `bans_end_of_text`."""
         job = self.ticket.job
         params = job.params
         return (not params.do_sample and params.repetition_penalty == 1.0 and params.no_repeat_ngram_size == 0
-                and (self.generated >= params.min_new_tokens or params.eos_token_id is None)
                 and job.logprobs is None)
+
+    @property
+    def bans_end_of_text(self) -> bool:
+        """min_new_tokens still holds end of text back from this choice (as `LogitsProcessors` does)."""
+        params = self.ticket.job.params
+        return params.eos_token_id is not None and self.generated < params.min_new_tokens
 
 
 @dataclass
@@ -326,16 +331,16 @@ class Scheduler:
         return torch.Generator(device=self.model.device).manual_seed(seed)
 
     def _decode(self) -> None:
-        """One decode step over every slot; each running choice takes its next token. Plain greedy choices (see
-        `Choice.plain_greedy`) share one argmax, and the logits are checked once for all: on CUDA each per-choice
-        operation waits for the GPU."""
+        """One decode step over every slot; each running choice takes its next token. Greedy choices without
+        penalties (see `Choice.batched_greedy`) share one argmax, and the logits are checked once for all: per-choice
+        operations cost each row a few passes over the vocabulary (on CUDA, a wait for the GPU each)."""
         started = time.perf_counter()
         running = list(self._running)
         logits = self._slots.step({choice.slot: choice.next_token for choice in running})  # (rows, V)
         logits = logits[torch.tensor([choice.slot for choice in running], device=logits.device)].float()  # (R, V)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        plain = [i for i, choice in enumerate(running) if choice.plain_greedy and finite[i]]
-        best = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
+        greedy = [i for i, choice in enumerate(running) if choice.batched_greedy and finite[i]]
+        best = dict(zip(greedy, _greedy_tokens(logits[greedy], [running[i] for i in greedy]))) if greedy else {}
         events: dict[Ticket, list[Event]] = defaultdict(list)
         now = time.monotonic()
         for i, choice in enumerate(running):
@@ -444,6 +449,16 @@ class Scheduler:
         m.slots_in_use.set(self._slots.in_use)
         m.slots_reserved.set(self._reserved)
         m.cache_rows.set(self._slots.rows)
+
+
+def _greedy_tokens(rows: torch.Tensor, choices: list[Choice]) -> list[int]:
+    """The next token of each of choices (all `batched_greedy`) from its row of rows (G, V), a copy that is written:
+    the argmax, end of text masked in the rows where min_new_tokens still bans it."""
+    early = [(j, choice.ticket.job.params.eos_token_id) for j, choice in enumerate(choices) if choice.bans_end_of_text]
+    if early:
+        held, eos = zip(*early)
+        rows[list(held), list(eos)] = float("-inf")
+    return rows.argmax(dim=-1).tolist()
 
 
 def _unique(tickets: list[Ticket]) -> list[Ticket]:
