@@ -18,6 +18,7 @@ UNION_FIELDS = {  # fields of several shapes: pydantic reports each shape's erro
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",
+    "early_stopping": 'true, false or "never"',
 }
 
 
