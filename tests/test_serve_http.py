@@ -1,8 +1,9 @@
 """`gpt2 serve` over HTTP: a real server on 127.0.0.1 driven by httpx and by the official `openai` client.
 
 Greedy text equals `generate`'s for the same prompt, alone and under 16 concurrent requests of mixed lengths arriving
-at random moments, streamed or not; chat messages take DialoGPT's turn format; malformed and invalid requests get
-400 in OpenAI's error shape naming the field; a client that disconnects mid-stream frees its slot.
+at random moments, streamed or not; beams equal `generate`'s; chat messages take DialoGPT's turn format; malformed
+and invalid requests get 400 in OpenAI's error shape naming the field; a client that disconnects mid-stream frees its
+slot.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The continuous-batching scheduler in-process (no HTTP): greedy choices equal `generate` alone whatever runs beside
 them, on each decode path; seeded sampling, stop strings, cancellation, timeouts, the queue bound, a failing step;
-and the slots growing and shrinking through their row buckets.
+beam jobs equal to `generate`'s beams, running beside the batch, cancelled, counted against max_batch; and the slots
+growing and shrinking through their row buckets.
 """
 
 from __future__ import annotations
@@ -349,3 +350,16 @@ def test_cancelling_a_beam_job_closes_its_search_at_its_next_step(model):
         scheduler.stop()
     assert inspect.getgeneratorstate(beam_ticket.beams) == inspect.GEN_CLOSED
     assert not beams.over.is_set() and scheduler._beams == []
+
+
+def test_beams_count_against_max_batch(model):
+    """A beam job of 4 beams fills a 4-row scheduler: the greedy job behind it starts once the beams have ended."""
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=4)
+    beams = run(scheduler, beam_job([1, 2, 3], 20, eos_token_id=None, num_beams=4))
+    greedy = run(scheduler, Job([[4, 5]], SamplingParams(max_new_tokens=2)))
+    scheduler.start()
+    try:
+        greedy.wait()
+    finally:
+        scheduler.stop()
+    assert beams.over.is_set() and beams.reasons == ["length"]
