@@ -13,11 +13,15 @@ The bookkeeping is transformers' `_beam_search`, tensor for tensor (its `_get_to
 `_get_running_beams_for_next_iteration`, `_update_finished_beams`, `_check_early_stop_heuristic`), so that the same
 logits give the same beams and scores; its names are kept where they help to compare the two. Every prompt runs the
 same number of steps, so a ragged batch gives each prompt the beams it gets alone.
+
+`beam_search_steps` is the search as a generator that pauses after each decode step, so that a caller can interleave
+it with other work (the server advances a beam job by one step per scheduler turn); `beam_search` runs it through.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Generator
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 
 EarlyStopping = bool | str  # True, False or "never", as transformers takes it
 NEG = -1.0e9  # transformers' score for a slot that must not be chosen
+T = TypeVar("T")
+Steps = Generator[None, None, T]  # one model call per step; the result is the generator's return value
 
 
 def beam_search(model: GPT2, cache: KVCache, logits: torch.Tensor, prompts: list[list[int]], params: SamplingParams,
@@ -38,6 +44,23 @@ def beam_search(model: GPT2, cache: KVCache, logits: torch.Tensor, prompts: list
                 num_return_sequences: int) -> GenerateOutput:
     """Beam search from a cache whose rows p * num_beams ... (p + 1) * num_beams - 1 each hold prompt p, logits
     (P * num_beams, V) at its last token; num_return_sequences best hypotheses per prompt, prompt-major."""
+    return run_steps(beam_search_steps(model, cache, logits, prompts, params, decode, num_beams, length_penalty,
+                                       early_stopping, num_return_sequences))
+
+
+def run_steps(steps: Steps[T]) -> T:
+    """Run a step generator to its end; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def beam_search_steps(model: GPT2, cache: KVCache, logits: torch.Tensor, prompts: list[list[int]],
+                      params: SamplingParams, decode: DecodeFn, num_beams: int, length_penalty: float,
+                      early_stopping: EarlyStopping, num_return_sequences: int) -> Steps[GenerateOutput]:
+    """`beam_search`, pausing (yielding) after each decode step."""
     P, nb, N = len(prompts), num_beams, params.max_new_tokens
     device = logits.device
     vocab_size = logits.shape[-1]
@@ -114,6 +137,7 @@ def beam_search(model: GPT2, cache: KVCache, logits: torch.Tensor, prompts: list
         tokens = running_tokens[:, :, step].reshape(-1)  # (P*nb,)
         processors.append(tokens.tolist(), list(range(P * nb)))
         logits = decode(tokens)
+        yield
 
     k = num_return_sequences
     lengths = finished_lengths[:, :k].reshape(-1).tolist()

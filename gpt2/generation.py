@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .beam_search import beam_search
+from .beam_search import EarlyStopping, Steps, beam_search_steps, run_steps
 from .decoding import GenerateOutput, TokenCallback, continue_from_cache, prefill_shared
 from .dispatch import generation_cache
 from .sampling import SamplingParams
@@ -106,11 +106,8 @@ def generate(
         check_lengths(draft_model, rows, max_new_tokens, "the draft model")
     length = max(len(r) for r in rows) + max_new_tokens
     if num_beams > 1:
-        owner = [i for i in range(len(rows)) for _ in range(num_beams)]  # beam -> its prompt
-        with generation_cache(model, len(owner), length) as (cache, decode):
-            logits = prefill_shared(model, cache, rows, owner)
-            out = beam_search(model, cache, logits, rows, params, decode, num_beams, length_penalty, early_stopping,
-                              num_return_sequences)
+        out = run_steps(beam_steps(model, rows, params, num_beams, length_penalty, early_stopping,
+                                   num_return_sequences))
         return out if return_dict else out.sequences
     owner = [i for i in range(len(rows)) for _ in range(num_return_sequences)]  # sequence -> its prompt
     stops = stop_watcher(model, stop_strings, len(owner))
@@ -128,6 +125,19 @@ def generate(
         out = continue_from_cache(model, cache, logits, histories, params, on_token, decode=decode, stops=stops,
                                   with_logprobs=return_dict)
     return out if return_dict else out.sequences
+
+
+def beam_steps(model: GPT2, rows: list[list[int]], params: SamplingParams, num_beams: int, length_penalty: float,
+               early_stopping: EarlyStopping, num_return_sequences: int) -> Steps[GenerateOutput]:
+    """`generate`'s beam search over checked rows, one model call per step (the prefill, then each decode step), for a
+    caller that interleaves it with other work (`gpt2.serve.scheduler`); closing it early frees its cache."""
+    owner = [i for i in range(len(rows)) for _ in range(num_beams)]  # beam -> its prompt
+    length = max(len(r) for r in rows) + params.max_new_tokens
+    with generation_cache(model, len(owner), length) as (cache, decode):
+        logits = prefill_shared(model, cache, rows, owner)
+        yield
+        return (yield from beam_search_steps(model, cache, logits, rows, params, decode, num_beams, length_penalty,
+                                             early_stopping, num_return_sequences))
 
 
 def check_draft(model: GPT2, draft_model: GPT2, num_beams: int) -> None:

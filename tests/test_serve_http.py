@@ -1,8 +1,9 @@
 """`gpt2 serve` over HTTP: a real server on 127.0.0.1 driven by httpx and by the official `openai` client.
 
 Greedy text equals `generate`'s for the same prompt, alone and under 16 concurrent requests of mixed lengths arriving
-at random moments, streamed or not; chat messages take DialoGPT's turn format; malformed and invalid requests get
-400 in OpenAI's error shape naming the field; a client that disconnects mid-stream frees its slot.
+at random moments, streamed or not; beams equal `generate`'s; chat messages take DialoGPT's turn format; malformed
+and invalid requests get 400 in OpenAI's error shape naming the field; a client that disconnects mid-stream frees its
+slot.
 """
 
 from __future__ import annotations
@@ -176,6 +177,23 @@ def test_sampled_choices_with_a_seed_and_logprobs(server, model):
     assert len(logprobs["tokens"]) == len(alone) and all(len(top) == 2 for top in logprobs["top_logprobs"])
 
 
+def test_beam_search_equals_generates_beams_streamed_or_not(server, model):
+    """num_beams (greedy unless told otherwise) returns generate's n best hypotheses; streamed, each choice's whole
+    text comes in one chunk at the end."""
+    ids = model.tokenizer.encode("Does money buy happiness?")
+    settings = dict(num_beams=3, length_penalty=0.5, early_stopping=True)
+    expected = [model.tokenizer.decode(t, skip_special_tokens=True)
+                for t in model.generate([ids], max_new_tokens=10, num_return_sequences=2, **settings)]
+    body = {"model": server.model_id, "prompt": ids, "max_tokens": 10, "n": 2, **settings}
+    whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=WAIT_S).json()
+    assert [c["text"] for c in whole["choices"]] == expected
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=WAIT_S) as r:
+        lines = [line for line in r.iter_lines() if line]
+    chunks = [json.loads(line[len("data: "):])["choices"][0] for line in lines[:-1]]
+    texts = [c for c in chunks if c["finish_reason"] is None]
+    assert sorted((c["index"], c["text"]) for c in texts) == list(enumerate(expected)) and lines[-1] == "data: [DONE]"
+
+
 @pytest.mark.parametrize("body, param", [
     (b'{"model": "M", "prompt": "hi", "max_tokens": 8', None),  # malformed JSON
     (b'["not", "an", "object"]', None),
@@ -198,7 +216,13 @@ def test_sampled_choices_with_a_seed_and_logprobs(server, model):
     ({"model": "M", "prompt": "hi", "logprobs": 6}, "logprobs"),
     ({"model": "M", "prompt": "hi", "seed": 2**70}, "seed"),
     ({"model": "M", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"model": "M", "prompt": "hi", "num_beams": 4}, "num_beams"),
+    ({"model": "M", "prompt": "hi", "num_beams": 17}, "num_beams"),  # more beams than the batch holds
+    ({"model": "M", "prompt": "hi", "num_beams": 4, "temperature": 0.7}, "temperature"),  # no beam sampling
+    ({"model": "M", "prompt": "hi", "num_beams": 2, "n": 3}, "n"),
+    ({"model": "M", "prompt": "hi", "num_beams": 2, "stop": "\n"}, "stop"),
+    ({"model": "M", "prompt": "hi", "num_beams": 2, "logprobs": 1}, "logprobs"),
+    ({"model": "M", "prompt": "hi", "num_beams": 2, "early_stopping": "always"}, "early_stopping"),
+    ({"model": "M", "prompt": "hi", "length_penalty": "long"}, "length_penalty"),
     ({"model": "M", "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ({"model": "M", "prompt": "hi", "colour": "blue"}, "colour"),
 ])
@@ -219,6 +243,8 @@ def test_bad_completion_requests_get_400_naming_the_field(server, body, param):
     ({"messages": [{"role": "system", "content": "only a system turn"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1023}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "num_beams": 2, "logprobs": True, "top_logprobs": 2},
+     "top_logprobs"),
 ])
 def test_bad_chat_requests_get_400_naming_the_field(server, body, param):
     response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": server.model_id, **body},

@@ -1,10 +1,12 @@
 """The continuous-batching scheduler in-process (no HTTP): greedy choices equal `generate` alone whatever runs beside
 them, on each decode path; seeded sampling, stop strings, cancellation, timeouts, the queue bound, a failing step;
-and the slots growing and shrinking through their row buckets.
+beam jobs equal to `generate`'s beams, running beside the batch, cancelled, counted against max_batch; and the slots
+growing and shrinking through their row buckets.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 import time
@@ -44,6 +46,7 @@ class Collector:
 
     def __init__(self, job: Job) -> None:
         self.tokens: list[list[int]] = [[] for _ in range(job.rows)]
+        self.logprobs: list[list[float | None]] = [[] for _ in range(job.rows)]
         self.texts: list[str] = [""] * job.rows
         self.reasons: list[str | None] = [None] * job.rows
         self.failure: Failure | None = None
@@ -54,6 +57,7 @@ class Collector:
         for event in events:
             if isinstance(event, Token):
                 self.tokens[event.choice].append(event.token)
+                self.logprobs[event.choice].append(event.logprob)
                 self.texts[event.choice] += event.text
                 self.first_token.set()
             elif isinstance(event, Finish):
@@ -280,3 +284,82 @@ def test_slots_grow_through_buckets_and_shrink_back(model):
         assert torch.equal(slots.cache.k[:, 0, :, :4], source.k[:, 0, :, :4])
         slots.release(0)
         assert slots.in_use == 0
+
+
+def beam_job(prompt: list[int], max_new: int, **settings) -> Job:
+    params = SamplingParams(max_new_tokens=max_new, eos_token_id=settings.pop("eos_token_id", 50256),
+                            no_repeat_ngram_size=settings.pop("no_repeat_ngram_size", 0))
+    return Job([prompt], params, **settings)
+
+
+def test_a_beam_job_equals_generates_beams_beside_greedy_jobs_that_finish_first(model):
+    """A long beam job beside 8 short greedy ones, all admitted at the first turn: it returns `generate`'s
+    hypotheses (and logprobs), they theirs alone, and they finish while it still runs (it advances a step a turn,
+    121 turns in all, not stalling the batch)."""
+    prompt = [464, 3290, 318, 257, 1310]
+    settings = dict(num_beams=4, length_penalty=0.7, early_stopping="never")
+    expected = model.generate([prompt], max_new_tokens=120, eos_token_id=None, no_repeat_ngram_size=2,
+                              num_return_sequences=3, return_dict=True, **settings)
+    requests = mixed_requests(8, seed=3)
+    greedy_expected = [model.generate([p], max_new_tokens=min(n, 10))[0] for p, n in requests]
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=16, prefill_chunk=64)
+    beams = run(scheduler, beam_job(prompt, 120, eos_token_id=None, no_repeat_ngram_size=2, n=3, logprobs=0,
+                                    **settings))
+    greedy = [run(scheduler, Job([p], SamplingParams(max_new_tokens=min(n, 10)))) for p, n in requests]
+    scheduler.start()
+    try:
+        got = [c.wait().tokens[0] for c in greedy]
+        assert not beams.over.is_set()  # the batch went on beside it
+        assert scheduler.metrics.registry.get_sample_value("gpt2_beam_rows") == 4
+        beams.wait()
+    finally:
+        scheduler.stop()
+    assert got == greedy_expected
+    assert beams.tokens == expected.sequences and beams.reasons == ["length"] * 3
+    for got_logprobs, logprobs in zip(beams.logprobs, expected.logprobs):
+        assert got_logprobs == pytest.approx(logprobs)
+    assert beams.texts == [model.tokenizer.decode(t, skip_special_tokens=True) for t in expected.sequences]
+
+
+def test_beam_jobs_end_at_end_of_text_as_generate(scheduler, model):
+    prompt = [40, 588, 257, 1310]
+    eos = model.generate([prompt], max_new_tokens=4, num_beams=3, eos_token_id=None)[0][3]
+    expected = model.generate([prompt], max_new_tokens=12, num_beams=3, num_return_sequences=2, eos_token_id=eos,
+                              early_stopping=True)
+    got = run(scheduler, beam_job(prompt, 12, eos_token_id=eos, n=2, num_beams=3, early_stopping=True)).wait()
+    assert got.tokens == expected
+    assert got.reasons == ["stop" if t[-1] == eos else "length" for t in expected] and "stop" in got.reasons
+
+
+def test_cancelling_a_beam_job_closes_its_search_at_its_next_step(model):
+    """Cancelled (from a greedy job's sink, so at a known turn), the beam job ends there, before its end, and its
+    search is closed: its cache is gone and its rows are free."""
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=16)
+    beams = run(scheduler, beam_job([1, 2, 3], 120, eos_token_id=None, num_beams=4))
+    beam_ticket = scheduler._inbox[-1]
+    greedy_job = Job([[4, 5]], SamplingParams(max_new_tokens=3))
+    greedy = Collector(greedy_job)
+    scheduler.submit(greedy_job, lambda events: (greedy(events), beam_ticket.cancel()))
+    scheduler.start()
+    try:
+        registry = scheduler.metrics.registry
+        wait_until(lambda: registry.get_sample_value("gpt2_jobs_finished_total", {"outcome": "cancelled"}) == 1)
+        wait_until(lambda: registry.get_sample_value("gpt2_beam_rows") == 0)
+        greedy.wait()
+    finally:
+        scheduler.stop()
+    assert inspect.getgeneratorstate(beam_ticket.beams) == inspect.GEN_CLOSED
+    assert not beams.over.is_set() and scheduler._beams == []
+
+
+def test_beams_count_against_max_batch(model):
+    """A beam job of 4 beams fills a 4-row scheduler: the greedy job behind it starts once the beams have ended."""
+    scheduler = Scheduler(model, ServeMetrics(), max_batch=4)
+    beams = run(scheduler, beam_job([1, 2, 3], 20, eos_token_id=None, num_beams=4))
+    greedy = run(scheduler, Job([[4, 5]], SamplingParams(max_new_tokens=2)))
+    scheduler.start()
+    try:
+        greedy.wait()
+    finally:
+        scheduler.stop()
+    assert beams.over.is_set() and beams.reasons == ["length"]

@@ -3,7 +3,7 @@
 job.py       what the scheduler takes (a `Job`) and what it sends back (`Token`, `Finish`, `Failure` events)
 text.py      one choice's text as its tokens come, cut at its stop strings
 slots.py     the scheduler's KV cache: a slot per running row, resized in row buckets
-scheduler.py the continuous-batching loop, on its own thread, owning the model and the slots
+scheduler.py the continuous-batching loop, on its own thread, owning the model and the slots; beam jobs a step a turn
 metrics.py   the Prometheus metrics
 protocol.py  the OpenAI wire format of requests (strict models) and of errors
 requests.py  from an OpenAI request to a `Job`, every error naming its field

@@ -2,8 +2,9 @@
 
 Each generation request becomes a `Job` (`gpt2.serve.requests`) whose events come back from the scheduler's thread
 onto the event loop through an asyncio queue. A streamed reply is Server-Sent Events in OpenAI's chunk format, one
-chunk per token, ending with `data: [DONE]`. A client that goes away, streaming or not, cancels its job: its slots
-are free at the scheduler's next step. With an API key, every endpoint but /health wants `Authorization: Bearer KEY`.
+chunk per token (a beam job's: each choice's whole text at the end), ending with `data: [DONE]`. A client that goes
+away, streaming or not, cancels its job: its slots are free at the scheduler's next step. With an API key, every
+endpoint but /health wants `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """What the scheduler takes (a `Job`: prompts and how to continue them) and the events it sends back for it.
 
 A job of P prompts and n choices each runs as P * n rows; choice i continues prompt i // n. Its events arrive in
-batches (one call of its sink per scheduler step), from the scheduler's thread.
+batches (one call of its sink per scheduler step), from the scheduler's thread. A beam job (num_beams > 1, greedy,
+no stop strings) holds P * num_beams rows and returns each prompt's n best hypotheses, all its events in one batch at
+the end (beams choose their sequences only then).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..beam_search import EarlyStopping
 from ..sampling import SamplingParams
 
 
@@ -20,10 +23,19 @@ class Job:
     stop: list[str] = field(default_factory=list)  # a choice ends once its text holds one; the text stops before it
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely tokens'
     timeout_s: float = 600.0  # from submission to the last token; past it the job fails
+    num_beams: int = 1  # > 1: beam search (`gpt2.generation.beam_steps`), n being its num_return_sequences
+    length_penalty: float = 1.0  # beams only, as transformers'
+    early_stopping: EarlyStopping = False  # beams only, as transformers'
 
     @property
     def rows(self) -> int:
+        """Its choices."""
         return len(self.prompts) * self.n
+
+    @property
+    def held_rows(self) -> int:
+        """The rows it decodes at once: its choices, or its beams."""
+        return len(self.prompts) * (self.num_beams if self.num_beams > 1 else self.n)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ class ServeMetrics:
         self.slots_reserved = Gauge("gpt2_slots_reserved", "Slots promised to choices whose prompt is prefilling",
                                     registry=r)
         self.cache_rows = Gauge("gpt2_cache_rows", "Rows of the KV cache now (what a decode step runs)", registry=r)
+        self.beam_rows = Gauge("gpt2_beam_rows", "Rows held by beam searches running beside the batch", registry=r)
         self.max_batch = Gauge("gpt2_max_batch", "Most choices decoding together (--max-batch)", registry=r)
         self.batch_rows = Histogram("gpt2_decode_batch_rows", "Choices decoded per decode step (batch occupancy)",
                                     buckets=ROW_BUCKETS, registry=r)

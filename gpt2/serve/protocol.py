@@ -3,7 +3,8 @@
 Requests are parsed strictly (a number where a string belongs is an error, not converted; NaN and infinity are not
 numbers; an unknown field is refused as OpenAI refuses it), and every error becomes OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, naming the field. The engine's own sampling settings ride along under
-their transformers names (top_k, repetition_penalty, no_repeat_ngram_size, min_new_tokens, num_beams).
+their transformers names (top_k, repetition_penalty, no_repeat_ngram_size, min_new_tokens, num_beams, length_penalty,
+early_stopping).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ UNION_FIELDS = {  # fields of several shapes: pydantic reports each shape's erro
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",
+    "early_stopping": 'true, false or "never"',
 }
 
 
@@ -64,7 +66,9 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     no_repeat_ngram_size: int | None = Field(None, ge=0)
     min_new_tokens: int | None = Field(None, ge=0)
-    num_beams: int = Field(1, ge=1)  # beam search is not served yet: 1 only
+    num_beams: int = Field(1, ge=1)  # > 1: beam search, n its num_return_sequences
+    length_penalty: float = 1.0  # beams only
+    early_stopping: bool | Literal["never"] = False  # beams only
 
 
 class CompletionRequest(SamplingFields):

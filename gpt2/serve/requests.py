@@ -4,6 +4,8 @@ applied. Every refusal is an `ApiError` naming its field.
 
 Defaults: a completion takes OpenAI's (16 tokens, temperature 1); a chat completion `gpt2.chat.CHAT_DEFAULTS`, the
 settings DialoGPT chats with (sampled with top-k and top-p, no repeated 3-grams). temperature 0 is greedy.
+num_beams > 1 is beam search, which is greedy (temperature 0 unless given; a temperature > 0 is refused): n is its
+number of hypotheses returned, at most num_beams; stop strings and top log-probabilities are refused with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def completion_job(request: CompletionRequest, tokenizer: Tokenizer, limits: Lim
     if request.best_of not in (None, request.n):
         raise ApiError(400, f"best_of={request.best_of} is not supported by this server (only best_of = n)",
                        "best_of")
+    if request.logprobs and request.num_beams > 1:
+        raise ApiError(400, f"logprobs={request.logprobs} with num_beams={request.num_beams}: beam search keeps each "
+                            "token's log-probability only; ask for logprobs=0", "logprobs")
     params = _sampling(request, COMPLETION_DEFAULTS, request.max_tokens, tokenizer.eos_token_id)
     prompts = _prompts(request.prompt, tokenizer)
     for i, prompt in enumerate(prompts):
@@ -55,6 +60,9 @@ def chat_job(request: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limit
     _check_common(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if request.top_logprobs and request.num_beams > 1:
+        raise ApiError(400, f"top_logprobs={request.top_logprobs} with num_beams={request.num_beams}: beam search "
+                            "keeps each token's log-probability only; leave top_logprobs out", "top_logprobs")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     params = _sampling(request, CHAT_DEFAULTS, max_tokens, tokenizer.eos_token_id)
     budget = limits.n_positions - params.max_new_tokens
@@ -80,9 +88,17 @@ def _check_common(request: SamplingFields) -> None:
         value = getattr(request, name, neutral)
         if value != neutral and value != {}:
             raise ApiError(400, f"{name}={value!r} is not supported by this server: leave it out", name)
-    if request.num_beams != 1:
-        raise ApiError(400, f"num_beams={request.num_beams}: beam search is not served yet (num_beams 1 only)",
-                       "num_beams")
+    if request.num_beams > 1:
+        if request.temperature:
+            raise ApiError(400, f"temperature={request.temperature} with num_beams={request.num_beams}: beam search "
+                                "is greedy here (no beam sampling); leave temperature out or set it to 0",
+                           "temperature")
+        if request.n > request.num_beams:
+            raise ApiError(400, f"n={request.n} exceeds num_beams={request.num_beams}: beam search returns at most "
+                                "num_beams hypotheses per prompt", "n")
+        if request.stop:
+            raise ApiError(400, f"stop with num_beams={request.num_beams} is not supported: a beam ends at end of "
+                                "text or max_tokens", "stop")
 
 
 def _sampling(request: SamplingFields, defaults: dict[str, Any], max_tokens: int | None, eos: int) -> SamplingParams:
@@ -90,6 +106,8 @@ def _sampling(request: SamplingFields, defaults: dict[str, Any], max_tokens: int
     settings = {name: getattr(request, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty",
                                                           "no_repeat_ngram_size", "min_new_tokens")}
     settings["max_new_tokens"] = max_tokens
+    if request.num_beams > 1:
+        settings["temperature"] = 0  # beams are greedy (a temperature > 0 is refused)
     settings = {name: defaults[name] if value is None else value for name, value in settings.items()}
     greedy = settings["temperature"] == 0
     try:
@@ -122,6 +140,14 @@ def _prompts(prompt: str | list[int] | list[str] | list[list[int]], tokenizer: T
 def _job(request: SamplingFields, prompts: list[list[int]], params: SamplingParams, limits: Limits,
          logprobs: int | None) -> Job:
     """The job, once its choices and stop strings are checked against the limits."""
+    beams = request.num_beams
+    if beams > 1:
+        if len(prompts) * beams > limits.max_choices:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x num_beams={beams} = {len(prompts) * beams} beams; this "
+                                f"server decodes at most {limits.max_choices} rows of one request together",
+                           "num_beams")
+        return Job(prompts, params, request.n, [], logprobs, limits.timeout_s, beams, request.length_penalty,
+                   request.early_stopping)
     if request.n > 1 and not params.do_sample:
         raise ApiError(400, f"n={request.n} with temperature 0 would return {request.n} copies of one greedy "
                             "completion: sample (temperature > 0) or ask for n=1", "n")

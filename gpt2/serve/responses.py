@@ -2,7 +2,8 @@
 
 Completions (`text_completion`) and chat completions (`chat.completion`, streamed as `chat.completion.chunk` with the
 role in each choice's first delta) differ in shape only; each choice's text, tokens and log-probabilities are kept
-alike.
+alike. A stream sends a choice's tokens of one batch of events in one chunk: a token per chunk as the batch decodes,
+a beam job's whole text at once.
 """
 
 from __future__ import annotations
@@ -44,13 +45,22 @@ class Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def chunks(self, events: list[Event]) -> list[dict[str, Any]]:
-        """Record events (Token, Finish); the stream chunks that carry them, one per token and one per finish."""
+        """Record events (Token, Finish); the stream chunks that carry them: one per run of a choice's tokens (its
+        text empty while a character is incomplete) and one per finish."""
         chunks = []
-        for event in events:
-            if isinstance(event, Token):  # a chunk per token, its text empty while a character is incomplete
+        i = 0
+        while i < len(events):
+            event = events[i]
+            i += 1
+            if isinstance(event, Token):
+                run = [event]
+                while i < len(events) and isinstance(events[i], Token) and events[i].choice == event.choice:
+                    run.append(events[i])
+                    i += 1
                 first = not self.tokens[event.choice]
-                logprobs = self._record(event)
-                chunks.append(self._chunk(event.choice, event.text, logprobs, None, first))
+                entries = [entry for entry in map(self._record, run) if entry is not None]
+                logprobs = self._logprobs(entries) if entries else None
+                chunks.append(self._chunk(event.choice, "".join(t.text for t in run), logprobs, None, first))
             elif isinstance(event, Finish):
                 self.texts[event.choice].append(event.text)
                 self.finish_reasons[event.choice] = event.reason
@@ -75,7 +85,7 @@ class Reply:
         return {**self._head(chunk=False), "choices": choices, "usage": self.usage()}
 
     def _record(self, token: Token) -> dict[str, Any] | None:
-        """Keep token's text, id and log-probability entry; the entry in this kind's logprobs shape, or None."""
+        """Keep token's text, id and log-probability entry; the entry, or None."""
         i = token.choice
         self.texts[i].append(token.text)
         self.tokens[i].append(token.token)
@@ -83,7 +93,7 @@ class Reply:
             return None
         entry = self._entry(i, token)
         self.logprobs[i].append(entry)
-        return self._logprobs([entry])
+        return entry
 
     def _entry(self, i: int, token: Token) -> dict[str, Any]:
         text = self.tokenizer.decode([token.token])

@@ -6,11 +6,15 @@ waiting jobs, first come first served, while their rows fit the slots not yet pr
 chunk of that group's prefill (at most prefill_chunk tokens, so that a long prompt delays the running rows' next
 token by one chunk, not by the whole prompt), loading each prompt that completes into its choices' slots and choosing
 their first tokens; then one decode step over every slot, each running choice taking its next token through its own
-logits processors and random stream. Tokens go to each job's sink as they are chosen.
+logits processors and random stream. Tokens go to each job's sink as they are chosen. Then each running beam job
+(num_beams > 1) takes one step of its own: its prefill, or one decode step of its beams in a cache of its own and their
+bookkeeping (`gpt2.generation.beam_steps`), so that a beam search runs beside the batch, a step a turn, rather than
+stalling it, and every model call stays on this thread. Its beams count against max_batch as a job's choices do.
 
 A choice's tokens depend on its own prompt, parameters and random stream only: in fp32 a prefill, chunked or not,
 alone or in a ragged group, and a batched decode step compute each row as alone, so a greedy choice equals
-`generate` on its prompt alone whatever else runs (tests/test_serve_scheduler.py).
+`generate` on its prompt alone whatever else runs, and a beam job equals `generate`'s beams
+(tests/test_serve_scheduler.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decoding import NonFiniteLogitsError, check_finite
+from ..beam_search import Steps
+from ..decoding import GenerateOutput, NonFiniteLogitsError, check_finite
+from ..generation import beam_steps
 from ..sampling import SEED_RANGE, LogitsProcessors, choose_next
 from .job import Event, Failure, Finish, Job, Sink, Token
 from .slots import SlotCache
@@ -61,6 +67,7 @@ class Ticket:
         self.choices_left = job.rows
         self.reserved = 0  # slots promised to its choices whose prompt is still prefilling
         self.first_token_at: float | None = None
+        self.beams: Steps[GenerateOutput] | None = None  # a running beam job's search
         self._scheduler = scheduler
 
     def cancel(self) -> None:
@@ -139,6 +146,8 @@ class Scheduler:
         self._group: PrefillGroup | None = None
         self._running: list[Choice] = []
         self._reserved = 0
+        self._beams: list[Ticket] = []  # running beam jobs
+        self._beam_rows = 0  # the rows they hold
         self._slots: SlotCache | None = None
         metrics.max_batch.set(max_batch)
 
@@ -160,8 +169,8 @@ class Scheduler:
     def submit(self, job: Job, sink: Sink) -> Ticket:
         """Queue job; its events go to sink. Raises QueueFull beyond max_queue waiting jobs, SchedulerClosed once
         stopping. The job must have been checked (`gpt2.serve.requests`): rows <= max_batch, prompts in context."""
-        if job.rows > self.max_batch:
-            raise ValueError(f"the job has {job.rows} rows, more than max_batch={self.max_batch}")
+        if job.held_rows > self.max_batch:
+            raise ValueError(f"the job has {job.held_rows} rows, more than max_batch={self.max_batch}")
         ticket = Ticket(job, sink, self)
         with self._wakeup:
             if self._closed:
@@ -207,7 +216,7 @@ class Scheduler:
 
     @property
     def _busy(self) -> bool:
-        return bool(self._waiting or self._group or self._running)
+        return bool(self._waiting or self._group or self._running or self._beams)
 
     def _turn(self) -> None:
         self._reap(time.monotonic())
@@ -218,6 +227,8 @@ class Scheduler:
                 self._group = None
         if self._running:
             self._guarded(self._decode, [choice.ticket for choice in self._running])
+        for ticket in list(self._beams):
+            self._advance(ticket)
         if self._group is None:
             self._remap(self._slots.shrink())
         self._update_gauges()
@@ -236,42 +247,49 @@ class Scheduler:
 
     def _fail_all(self, failure: Failure) -> None:
         """Fail every job the loop holds (those still in the inbox join at the next turn)."""
-        tickets = [*self._waiting, *(c.ticket for c in self._running)]
-        if self._group is not None:
-            tickets += [ticket for ticket, _ in self._group.entries]
-        for ticket in _unique(tickets):
+        for ticket in self._held():
             self._fail(ticket, failure)
         self._group = None
 
     def _reap(self, now: float) -> None:
         """End the jobs whose client went away or whose time ran out."""
-        tickets = [*self._waiting, *(c.ticket for c in self._running)]
-        if self._group is not None:
-            tickets += [ticket for ticket, _ in self._group.entries]
-        for ticket in _unique(tickets):
+        for ticket in self._held():
             if ticket.cancelled:
                 self._end(ticket, "cancelled")
             elif now >= ticket.deadline:
                 self._fail(ticket, Failure(504, f"the request timed out after {ticket.job.timeout_s:g} s"),
                            "timeout")
 
+    def _held(self) -> list[Ticket]:
+        """Every job the loop holds, once each."""
+        tickets = [*self._waiting, *(c.ticket for c in self._running), *self._beams]
+        if self._group is not None:
+            tickets += [ticket for ticket, _ in self._group.entries]
+        return _unique(tickets)
+
     def _admit(self) -> None:
-        """Waiting jobs, oldest first, into a new prefill group while their rows fit the unpromised slots."""
+        """Waiting jobs, oldest first, while their rows fit the unpromised slots: beam jobs start their search, the
+        others join a new prefill group."""
         if self._group is not None:
             return
         admitted = []
-        free = self.max_batch - self._slots.in_use - self._reserved
-        while self._waiting and self._waiting[0].job.rows <= free:
+        free = self.max_batch - self._slots.in_use - self._reserved - self._beam_rows
+        taken = 0
+        while self._waiting and self._waiting[0].job.held_rows <= free:
             ticket = self._waiting.pop(0)
-            free -= ticket.job.rows
+            taken += 1
+            free -= ticket.job.held_rows
+            if ticket.job.num_beams > 1:
+                self._start_beams(ticket)
+                continue
             ticket.reserved = ticket.job.rows
             self._reserved += ticket.job.rows
             admitted.append(ticket)
+        with self._wakeup:
+            self._pending -= taken
         if not admitted:
             return
         self._slots.reserve(self._reserved)  # one resize for all the admitted choices, not one per bucket
-        with self._wakeup:
-            self._pending -= len(admitted)
         entries = [(ticket, p) for ticket in admitted for p in range(len(ticket.job.prompts))]
         cache = self.model.new_cache(len(entries), max(len(t.job.prompts[p]) for t, p in entries))
         self._group = PrefillGroup(entries, cache, [0] * len(entries))
@@ -321,6 +339,40 @@ class Scheduler:
             self._take(choice, logits.clone() if j + 1 < job.n else logits, now, events)
             if ticket.ended:  # its logits were not finite
                 return
+
+    def _start_beams(self, ticket: Ticket) -> None:
+        job = ticket.job
+        ticket.beams = beam_steps(self.model, job.prompts, job.params, job.num_beams, job.length_penalty,
+                                  job.early_stopping, job.n)
+        self._beams.append(ticket)
+        self._beam_rows += job.held_rows
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))  # prefilled at its first step
+
+    def _advance(self, ticket: Ticket) -> None:
+        """One step of a beam job; at its end, its choices go to its sink."""
+        try:
+            next(ticket.beams)
+        except StopIteration as done:
+            self._finish_beams(ticket, done.value)
+        except Exception as e:  # noqa: BLE001 - one bad search must not take the server down
+            log.exception("a beam search step failed")
+            self._fail(ticket, Failure(500, f"the model failed on this request: {type(e).__name__}: {e}"))
+
+    def _finish_beams(self, ticket: Ticket, out: GenerateOutput) -> None:
+        """A beam job's hypotheses as its choices' events, all in one batch."""
+        job, now = ticket.job, time.monotonic()
+        events: list[Event] = []
+        for index, (tokens, logprobs) in enumerate(zip(out.sequences, out.logprobs)):
+            text = ChoiceText(self.model.tokenizer, [])
+            for token, logprob in zip(tokens, logprobs):
+                events.append(Token(index, token, text.push(token), None if job.logprobs is None else logprob))
+            reason = "stop" if tokens and tokens[-1] == job.params.eos_token_id else "length"
+            events.append(Finish(index, reason, text.finish()))
+            self.metrics.generated_tokens.inc(len(tokens))
+        ticket.first_token_at = now
+        self.metrics.time_to_first_token.observe(now - ticket.arrival)
+        self._end(ticket, "done")
+        self._send({ticket: events})
 
     def _generator(self, job: Job, index: int) -> torch.Generator | None:
         """Choice index's random stream: seeded by the job's seed + index (so choice 0 of a seeded job samples as
@@ -419,6 +471,10 @@ class Scheduler:
             self._release(choice)
         self._reserved -= ticket.reserved
         ticket.reserved = 0
+        if ticket in self._beams:
+            self._beams.remove(ticket)
+            self._beam_rows -= ticket.job.held_rows
+            ticket.beams.close()  # its cache goes with it
         if ticket in self._waiting:
             self._waiting.remove(ticket)
             with self._wakeup:
@@ -449,6 +505,7 @@ class Scheduler:
         m.slots_in_use.set(self._slots.in_use)
         m.slots_reserved.set(self._reserved)
         m.cache_rows.set(self._slots.rows)
+        m.beam_rows.set(self._beam_rows)
 
 
 def _greedy_tokens(rows: torch.Tensor, choices: list[Choice]) -> list[int]:
