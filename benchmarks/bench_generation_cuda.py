@@ -361,10 +361,14 @@ def fused_summary_lines(results: dict, args: argparse.Namespace) -> list[str]:
              "divergence; seeded random weights (GPT-2's initialisation) of the DialoGPT shapes"]
     for size, res in results["sizes"].items():
         if "bound" in res:
-            b = res["bound"]
-            lines.append(f"{size}: weight-streaming bound {b['gemv_ms'] * 1e3:.0f} us = one fp16 GEMV over "
-                         f"{b['n_bytes'] / 1e6:.0f} MB ({b['gb_per_s']:.0f} GB/s); x bound: the time over it")
+            lines.append(bound_line(size, res["bound"], "the time over it"))
     return lines
+
+
+def bound_line(size: str, bound: dict, ratio: str) -> str:
+    """The weight-streaming bound of size, and what its "x bound" column divides by it."""
+    return (f"{size}: weight-streaming bound {bound['gemv_ms'] * 1e3:.0f} us = one fp16 GEMV over "
+            f"{bound['n_bytes'] / 1e6:.0f} MB ({bound['gb_per_s']:.0f} GB/s); x bound: {ratio}")
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -395,9 +399,7 @@ def summary_lines(results: dict, args: argparse.Namespace) -> list[str]:
              "transformers static+compile keeps its static cache and CUDA graphs from compiling, not counted"]
     for size, res in results["sizes"].items():
         if "bound" in res:
-            b = res["bound"]
-            lines.append(f"{size}: weight-streaming bound {b['gemv_ms'] * 1e3:.0f} us = one fp16 GEMV over "
-                         f"{b['n_bytes'] / 1e6:.0f} MB ({b['gb_per_s']:.0f} GB/s); x bound: batch-1 decode step / it")
+            lines.append(bound_line(size, res["bound"], "batch-1 decode step / it"))
         if "graph_capture" in res:
             g = res["graph_capture"]
             lines.append(f"{size}: this engine fp16 decode graph: first call (warm-up + capture + replay) "
